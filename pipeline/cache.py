@@ -1,0 +1,29 @@
+"""Where fetched models, corpora and converted checkpoints live between runs."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """The cache root: $CAST_CACHE, else ~/.cache/cast. Created on first use."""
+    root = Path(os.environ.get("CAST_CACHE") or Path.home() / ".cache" / "cast")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_bytes(*parts: bytes | str) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode() if isinstance(p, str) else p)
+        h.update(b"\0")  # separator so ("ab","c") and ("a","bc") differ
+    return h.hexdigest()
