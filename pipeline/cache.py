@@ -27,3 +27,20 @@ def sha256_bytes(*parts: bytes | str) -> str:
         h.update(p.encode() if isinstance(p, str) else p)
         h.update(b"\0")  # separator so ("ab","c") and ("a","bc") differ
     return h.hexdigest()
+
+
+def commit_dir(staged: Path, final: Path, marker: str) -> None:
+    """Move a fully written directory into place. If another process committed the same
+    thing first (it holds `marker`), keep theirs; a leftover without the marker is a
+    half-finished write from a killed run and is replaced."""
+    import shutil
+
+    if final.exists():
+        if (final / marker).exists():
+            return
+        shutil.rmtree(final, ignore_errors=True)
+    try:
+        staged.rename(final)
+    except OSError:
+        if not (final / marker).exists():
+            raise

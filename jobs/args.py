@@ -1,0 +1,47 @@
+"""Build argparse flags from a config dataclass, using each field's docstring as its
+help, so a stage's flags, defaults and documentation live in one place."""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+import typing
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The string literal that follows each field in the class body."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, positional: tuple[str, ...] = ()) -> None:
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        typ = hints[f.name]
+        base = [a for a in typing.get_args(typ) if a is not type(None)]
+        typ = base[0] if base else typ
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        help_ = docs.get(f.name, "") + ("" if required else f" (default: {default})")
+        if f.name in positional:
+            parser.add_argument(f.name, type=typ, help=help_)
+        elif typ is bool:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
+                                default=default, help=help_)
+        else:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=typ, default=default,
+                                required=required, help=help_, metavar=f.name.upper())
+
+
+def to_dataclass(cls, ns: argparse.Namespace):
+    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)})

@@ -1,0 +1,305 @@
+"""Activation extraction: plan units of segments, run workers that each load the model
+once, and commit every unit whole into the store (DESIGN §5).
+
+The plan is a pure function of (tokenizer, corpus, segmentation, unit size, token cap),
+recorded in the store, so a re-run recomputes the same units and skips committed ones.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import storage
+from pipeline.corpus import load_corpus, segment, segmentation_hash
+from pipeline.hooks import capture, parse_layers, parse_sites, run_to_deepest, site_dim
+from pipeline.models import load_model, load_tokenizer, resolve
+from storage.layout import FORMAT_VERSION, STORAGE_DTYPES, StoreError, encode
+from storage.writer import clean_leftovers, committed_units, create_store, write_unit
+
+CODE_VERSION = "cast-0.1.0"
+
+
+@dataclass
+class ExtractConfig:
+    """What `cast extract` does; every field is a flag of the same name."""
+
+    model: str
+    """Registry name (smollm2-135m, gemma3-270m, tiny-*), local HF directory or hub id."""
+    out: str
+    """Store directory. Created if absent; an existing store is resumed only if it was
+    made with the same model, corpus, segmentation, sites, layers and dtype."""
+    corpus: str = "nlp-corpus"
+    """Built-in corpus name, or a file/directory/glob of .txt/.jsonl/.parquet."""
+    sites: str = "resid,attn_in,mlp_in"
+    """Comma-separated sites: resid, attn_in, mlp_in, <linear>.in/.out for q/k/v/o/gate/up/down_proj."""
+    layers: str = "all"
+    """Layers to capture: 'all', '0-5', '3,7,11', '-1'."""
+    dtype: str = "bfloat16"
+    """Storage dtype: bfloat16 (default: half the bytes of float32, float32's range),
+    float32, or float16 (refused where values exceed 65504)."""
+    max_tokens: int = 20_000
+    """Cap on tokens extracted (whole segments, in corpus order)."""
+    max_chars: int = 512
+    """Segment length in characters; both models must use the same value."""
+    unit_tokens: int = 4096
+    """Tokens per unit: the grain of commits and of resumption."""
+    batch_tokens: int = 4096
+    """Padded tokens per forward pass (batch x longest sequence)."""
+    workers: int = 1
+    """Ray extraction actors; 0 runs in this process without Ray."""
+    address: str | None = None
+    """Ray cluster address; default starts a local Ray on 127.0.0.1."""
+    device: str | None = None
+    """torch device; default CUDA when present, else CPU."""
+    gpus_per_worker: float = 0.0
+    """GPUs requested per actor on a cluster (0 on CPU machines)."""
+
+    def __post_init__(self):
+        if self.dtype not in STORAGE_DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r}: choose one of {', '.join(STORAGE_DTYPES)}")
+        for name in ("max_tokens", "unit_tokens", "batch_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.workers < 0:
+            raise ValueError(f"--workers must be >= 0, got {self.workers}")
+        self.sites = ",".join(parse_sites(self.sites))
+
+
+@dataclass
+class Unit:
+    unit: int
+    segment_ids: list[int]
+    input_ids: list[list[int]]
+    offsets: list[list[tuple[int, int]]]
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(x) for x in self.input_ids)
+
+
+@dataclass
+class Plan:
+    units: list[Unit] = field(default_factory=list)
+
+    def summary(self) -> list[list[int]]:
+        """[first segment, last segment, tokens] per unit: stored, and compared on resume."""
+        return [[u.segment_ids[0], u.segment_ids[-1], u.n_tokens] for u in self.units]
+
+
+def make_plan(tokenizer, segments, max_tokens: int, unit_tokens: int) -> Plan:
+    """Tokenize segments in corpus order until max_tokens, grouped into units."""
+    plan, cur, total = Plan(), None, 0
+    for seg in segments:
+        enc = tokenizer(seg.text, return_offsets_mapping=True)
+        ids, offs = enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
+        if total + len(ids) > max_tokens:
+            break
+        if cur is None or (cur.n_tokens + len(ids) > unit_tokens and cur.segment_ids):
+            cur = Unit(unit=len(plan.units), segment_ids=[], input_ids=[], offsets=[])
+            plan.units.append(cur)
+        cur.segment_ids.append(seg.segment_id)
+        cur.input_ids.append(ids)
+        cur.offsets.append(offs)
+        total += len(ids)
+    return plan
+
+
+class Extractor:
+    """Loads the model once and turns units into committed store units.
+    Used directly (workers=0) or wrapped as a Ray actor."""
+
+    def __init__(self, model: str, store: str, layers: list[int], sites: list[str], dtype: str,
+                 batch_tokens: int, device: str | None = None):
+        torch.set_grad_enabled(False)
+        self.lm = load_model(model, device=device)
+        self.store, self.layers, self.sites = Path(store), layers, sites
+        self.dtype, self.batch_tokens = dtype, batch_tokens
+        self.pad = self.lm.tokenizer.pad_token_id or 0
+
+    def _batches(self, lengths: list[int]):
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # longest first: less padding
+        batch: list[int] = []
+        for i in order:
+            if batch and (len(batch) + 1) * lengths[batch[0]] > self.batch_tokens:
+                yield batch
+                batch = []
+            batch.append(i)
+        if batch:
+            yield batch
+
+    def run(self, unit: Unit) -> dict:
+        t0 = time.perf_counter()
+        dev = self.lm.device
+        lengths = [len(x) for x in unit.input_ids]
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        n = int(starts[-1])
+        keys = [(layer, site) for layer in self.layers for site in self.sites]
+        out = {k: None for k in keys}
+        with capture(self.lm.model, self.layers, self.sites) as got:
+            for batch in self._batches(lengths):
+                width = max(lengths[i] for i in batch)
+                ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, i in enumerate(batch):
+                    ids[row, : lengths[i]] = torch.tensor(unit.input_ids[i])
+                    mask[row, : lengths[i]] = 1
+                got.clear()
+                run_to_deepest(self.lm.model, ids.to(dev), mask.to(dev))
+                for k in keys:
+                    x = got[k].float()
+                    if out[k] is None:
+                        out[k] = torch.empty((n, x.shape[-1]), dtype=torch.float32)
+                    for row, i in enumerate(batch):  # right padding: real tokens are a prefix
+                        out[k][starts[i]: starts[i + 1]] = x[row, : lengths[i]].cpu()
+        acts, stats = {}, {}
+        for (layer, site), x in out.items():
+            where = f"{self.lm.info.name} layer {layer} site {site} (unit {unit.unit})"
+            acts[(layer, site)] = encode(x, self.dtype, where)
+            x64 = x.double()
+            stats[(layer, site)] = torch.stack([x64.sum(0), (x64 * x64).sum(0)]).numpy()
+        tokens = {
+            "token_id": np.concatenate([np.asarray(x, dtype=np.int64) for x in unit.input_ids]),
+            "segment_id": np.repeat(np.asarray(unit.segment_ids, dtype=np.int64), lengths),
+            "char_start": np.array([o[0] for offs in unit.offsets for o in offs], dtype=np.int64),
+            "char_end": np.array([o[1] for offs in unit.offsets for o in offs], dtype=np.int64),
+            "position": np.concatenate([np.arange(m, dtype=np.int64) for m in lengths]),
+        }
+        seconds = time.perf_counter() - t0
+        write_unit(self.store, unit.unit, tokens, acts, stats, self.dtype,
+                   (unit.segment_ids[0], unit.segment_ids[-1]), seconds)
+        return {"unit": unit.unit, "tokens": n, "seconds": seconds}
+
+
+def store_meta(cfg: ExtractConfig, info: dict, corpus, plan: Plan, layers, sites, dims) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "code_version": CODE_VERSION,
+        "model": info,
+        "corpus": {"name": corpus.name, "hash": corpus.hash, "source": corpus.source,
+                   "max_chars": cfg.max_chars,
+                   "segmentation_hash": segmentation_hash(corpus, cfg.max_chars)},
+        "sites": sites, "layers": layers, "dims": dims, "dtype": cfg.dtype,
+        "max_tokens": cfg.max_tokens, "unit_tokens": cfg.unit_tokens,
+        "plan": plan.summary(),
+    }
+
+
+def prepare(cfg: ExtractConfig):
+    """Everything the driver decides before any forward pass: corpus, plan, metadata."""
+    corpus = load_corpus(cfg.corpus)
+    segments = segment(corpus, cfg.max_chars)
+    tokenizer = load_tokenizer(cfg.model)
+    plan = make_plan(tokenizer, segments, cfg.max_tokens, cfg.unit_tokens)
+    if not plan.units:
+        raise StoreError(f"--corpus {cfg.corpus}: no segment fits within --max-tokens {cfg.max_tokens}")
+    path, _ = resolve(cfg.model)
+    # Read identity and dims without building the model in the driver.
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    lm_cfg = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(lm_cfg)
+    layers = parse_layers(cfg.layers, lm_cfg.num_hidden_layers)
+    sites = parse_sites(cfg.sites)
+    dims = {s: site_dim(skeleton, s) for s in sites}
+    info = _identity(cfg.model)
+    return corpus, plan, store_meta(cfg, info, corpus, plan, layers, sites, dims)
+
+
+def _identity(model: str) -> dict:
+    path, recorded = resolve(model)
+    tok = load_tokenizer(model)
+    from pipeline.cache import sha256_file
+
+    tok_file = Path(path) / "tokenizer.json" if isinstance(path, Path) else None
+    return {
+        "name": (recorded or {}).get("name", str(model)),
+        "weights_hash": (recorded or {}).get("weights_hash", ""),
+        "tokenizer_hash": (recorded or {}).get("tokenizer_hash")
+        or (sha256_file(tok_file) if tok_file and tok_file.exists() else tok.name_or_path),
+    }
+
+
+def open_or_create(cfg: ExtractConfig, meta: dict) -> set[int]:
+    """Create the store, or resume one made with identical settings; never clobber."""
+    out = Path(cfg.out)
+    if (out / "zarr.json").exists():
+        existing = storage.open_store(out).meta
+        diffs = [k for k in meta if k != "code_version" and existing.get(k) != meta[k]]
+        if diffs:
+            raise StoreError(
+                f"--out {out} holds a store made with different settings ({', '.join(diffs)}); "
+                f"refusing to mix them. Use a new --out, or delete {out} to start over."
+            )
+        done = committed_units(out)
+        removed = clean_leftovers(out, done)
+        if removed:
+            print(f"[cast] removed half-written units from a previous run: {', '.join(removed)}", file=sys.stderr)
+        return done
+    create_store(out, meta)
+    return set()
+
+
+def estimate_bytes(meta: dict) -> int:
+    per_token = sum(meta["dims"][s] for s in meta["sites"]) * len(meta["layers"])
+    itemsize = np.dtype(STORAGE_DTYPES[meta["dtype"]]).itemsize
+    return per_token * itemsize * sum(u[2] for u in meta["plan"])
+
+
+def config_dict(cfg: ExtractConfig) -> dict:
+    return asdict(cfg)
+
+
+def run_extract(cfg: ExtractConfig, progress: bool = True) -> dict:
+    """Plan, create or resume the store, and fill every pending unit."""
+    from tqdm import tqdm
+
+    corpus, plan, meta = prepare(cfg)
+    done = open_or_create(cfg, meta)
+    pending = [u for u in plan.units if u.unit not in done]
+    total = sum(u.n_tokens for u in plan.units)
+    todo = sum(u.n_tokens for u in pending)
+    print(f"[cast] {cfg.model}: {len(plan.units)} units, {total:,} tokens "
+          f"({len(done)} units already committed); store needs ~{estimate_bytes(meta) / 2**20:,.0f} MiB "
+          f"uncompressed at {cfg.out}", file=sys.stderr)
+    layers, sites = meta["layers"], meta["sites"]
+    args = (cfg.model, cfg.out, layers, sites, cfg.dtype, cfg.batch_tokens, cfg.device)
+    bar = tqdm(total=todo, unit="tok", desc=f"extract {meta['model']['name']}", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+    t0 = time.perf_counter()
+    if not pending:
+        pass
+    elif cfg.workers == 0:
+        worker = Extractor(*args)
+        for unit in pending:
+            bar.update(worker.run(unit)["tokens"])
+    else:
+        from pipeline.raytools import ray_session
+
+        with ray_session(cfg.address) as ray:
+            from ray.util import ActorPool
+
+            threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // cfg.workers)
+            remote = ray.remote(num_cpus=threads, num_gpus=cfg.gpus_per_worker)(_RayExtractor)
+            actors = [remote.remote(threads, *args) for _ in range(min(cfg.workers, len(pending)))]
+            pool = ActorPool(actors)
+            for res in pool.map_unordered(lambda a, u: a.run.remote(u), pending):
+                bar.update(res["tokens"])
+    bar.close()
+    seconds = time.perf_counter() - t0
+    return {"store": cfg.out, "units": len(plan.units), "skipped": len(done), "tokens": total,
+            "extracted_tokens": todo, "seconds": seconds,
+            "tokens_per_s": todo / seconds if seconds > 0 and todo else 0.0}
+
+
+class _RayExtractor(Extractor):
+    """Extractor as a Ray actor: torch gets exactly the CPUs Ray reserved for it."""
+
+    def __init__(self, threads: int, *args):
+        torch.set_num_threads(threads)
+        super().__init__(*args)

