@@ -215,7 +215,8 @@ def resolve(name_or_path: str) -> tuple[Path | str, dict | None]:
             raise ModelError(f"{p} has no *.safetensors weights")
         digest = sha256_file(weights[0]) if len(weights) == 1 else "+".join(sha256_file(w)[:16] for w in weights)
         return p, {"name": p.name, "weights_hash": digest}
-    if p.suffix or "/" not in name_or_path or p.exists():
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1
+    if looks_local or p.exists():
         raise ModelError(
             f"--model {name_or_path!r}: not a known name ({', '.join(known_names())}) "
             f"and not a local model directory."

@@ -18,6 +18,9 @@ def ray_session(address: str | None = None, num_cpus: int | None = None):
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        # Ray nices its workers to 15 by default; here the workers *are* the job, and a
+        # niced extraction actor loses the CPU to anything else on the machine.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(
             _node_ip_address="127.0.0.1",
             include_dashboard=False,

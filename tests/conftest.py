@@ -1,0 +1,47 @@
+"""Shared fixtures: a persistent test cache (tiny presets, corpora), a small corpus
+written here, and one local Ray on 127.0.0.1 for the whole session."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tiny presets and the built-in corpus are cached across runs, apart from the user's cache.
+os.environ.setdefault("CAST_CACHE", str(Path.home() / ".cache" / "cast-test"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SENTENCES = [
+    "The river ran quickly past the old stone house in the morning light.",
+    "Seven green windows opened onto a garden where forty people waited.",
+    "She wrote a long letter to the city market about the price of water.",
+    "After many years the number of small boats on the lake had doubled.",
+    "They jumped between the rocks, laughing, while the evening grew cold.",
+    "A hundred birds crossed the valley; nobody could count them all.",
+    "Reading maps is easier when the roads are drawn in bright colours.",
+    "The committee adopted the resolution after a short debate on Tuesday.",
+    "His brother kept bees, sold honey, and repaired clocks in winter.",
+    "Under the bridge, the water was dark, quiet and surprisingly warm.",
+]
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """Three documents of our own sentences (no downloaded text)."""
+    d = tmp_path_factory.mktemp("corpus")
+    for i in range(3):
+        lines = [SENTENCES[(i * 3 + j) % len(SENTENCES)] for j in range(12)]
+        (d / f"doc{i}.txt").write_text(" ".join(lines) + "\n")
+    return d
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the session, bound to loopback; stages reuse it."""
+    import ray
+
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
+             configure_logging=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
