@@ -1,0 +1,293 @@
+"""Which source layer each target layer should be bridged to (DESIGN §6).
+
+Linear CKA between every source layer and every target layer, measured on a seeded
+sample of aligned token pairs; a monotone assignment by dynamic programming (deeper
+target layers never map to shallower source layers); relative depth beside it as the
+baseline; a heatmap with both paths; `layermap.json` for the head-training stage.
+
+    cast layermap runs/source.zarr runs/target.zarr --align runs/align --site resid --out runs/layermap
+    lm = load_layermap("runs/layermap")       # LayerMap
+    for src_layer, tgt_layer in lm.pairs(): ...
+
+Memory is bounded by the sample, not the store: the side with fewer (layers x width)
+values is held as (n, dim) float32 per layer; the other side is read one layer at a time,
+gathering the sampled rows chunk by chunk through dask.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import storage
+from pipeline.align import check_same_text, load_alignment, store_identity
+from storage.layout import StoreError
+from storage.reader import ActivationStore
+
+LAYERMAP_JSON = "layermap.json"
+HEATMAP_PNG = "heatmap.png"
+LAYERMAP_KIND = "cast.layermap"
+LAYERMAP_VERSION = 1
+
+
+@dataclass
+class LayermapConfig:
+    """What `cast layermap` does; every field is a flag of the same name."""
+
+    src_store: str
+    """Source activation store (the LoRA's base model)."""
+    tgt_store: str
+    """Target activation store."""
+    align: str
+    """Alignment directory made by `cast align SRC_STORE TGT_STORE`."""
+    out: str
+    """Output directory (layermap.json + heatmap.png); replaced if it exists."""
+    site: str = "resid"
+    """Site compared in both stores (must be stored in both)."""
+    n_pairs: int = 4096
+    """Aligned pairs sampled for CKA; cost grows linearly, memory too."""
+    seed: int = 0
+    """Seed of the pair sample."""
+
+
+# ----------------------------------------------------------------------------- maths
+
+
+def centre(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x - x.mean(axis=0, keepdims=True)
+
+
+def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Linear CKA of two (n, d) samples, Gram-free: ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)."""
+    xc, yc = centre(x), centre(y)
+    denom = np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc)
+    return float(np.linalg.norm(yc.T @ xc) ** 2 / denom) if denom > 0 else 0.0
+
+
+def monotone_assignment(cka: np.ndarray) -> list[int]:
+    """For a (source, target) score matrix, the source index of each target column,
+    non-decreasing in target depth, maximising the total score (O(S*T) DP)."""
+    n_src, n_tgt = cka.shape
+    best = cka[:, 0].astype(np.float64).copy()
+    back = np.zeros((n_tgt, n_src), dtype=np.int64)
+    for t in range(1, n_tgt):
+        # run_arg[s] = argmax of best[:s+1] (earliest on ties): the best predecessor <= s.
+        run_arg = np.zeros(n_src, dtype=np.int64)
+        for s in range(1, n_src):
+            run_arg[s] = s if best[s] > best[run_arg[s - 1]] else run_arg[s - 1]
+        back[t] = run_arg
+        best = cka[:, t] + best[run_arg]
+    path = [int(np.argmax(best))]
+    for t in range(n_tgt - 1, 0, -1):
+        path.append(int(back[t][path[-1]]))
+    return path[::-1]
+
+
+def relative_depth(src_layers: list[int], tgt_layers: list[int], n_src: int, n_tgt: int) -> list[int]:
+    """Index into src_layers for each target layer at the same fraction of blocks run:
+    resid of layer l is the output of block l, i.e. (l + 1) / L of the model's depth."""
+    out = []
+    for lt in tgt_layers:
+        want = (lt + 1) / n_tgt * n_src - 1
+        out.append(int(np.argmin([abs(ls - want) + 1e-9 * ls for ls in src_layers])))
+    return out
+
+
+# ----------------------------------------------------------------------------- store side
+
+
+def gather(store: ActivationStore, layer: int, site: str, rows: np.ndarray) -> np.ndarray:
+    """The sampled rows of one (layer, site), centred, float32. Rows are sorted, so dask
+    reads each chunk at most once and keeps only the rows it needs from it."""
+    x = store.array(layer, site)[rows].compute()
+    if not np.isfinite(x).all():
+        raise StoreError(f"{store.path}: layer {layer} site {site} holds inf/nan; run `cast verify {store.path}`")
+    return centre(x).astype(np.float32)
+
+
+def cka_matrix(src: ActivationStore, tgt: ActivationStore, site: str, src_rows: np.ndarray,
+               tgt_rows: np.ndarray, progress: bool = False) -> np.ndarray:
+    """(n_src_layers, n_tgt_layers) linear CKA, holding one side's samples in memory."""
+    def volume(s):
+        return len(s.layers) * s.meta["dims"][site]
+
+    swap = volume(src) < volume(tgt)  # hold the smaller side, stream the larger one
+    held, streamed = (src, tgt) if swap else (tgt, src)
+    held_rows, streamed_rows = (src_rows, tgt_rows) if swap else (tgt_rows, src_rows)
+    hs = [gather(held, layer, site, held_rows) for layer in held.layers]
+    h_norm = [np.linalg.norm(h.astype(np.float64).T @ h.astype(np.float64)) for h in hs]
+    out = np.zeros((len(streamed.layers), len(hs)))
+    for a, layer in enumerate(streamed.layers):
+        x = gather(streamed, layer, site, streamed_rows).astype(np.float64)
+        x_norm = np.linalg.norm(x.T @ x)
+        for b, h in enumerate(hs):
+            denom = x_norm * h_norm[b]
+            # A constant layer has no direction to compare; score it 0, not nan.
+            out[a, b] = np.linalg.norm(h.astype(np.float64).T @ x) ** 2 / denom if denom > 0 else 0.0
+        if progress:
+            print(f"[cast] layermap: {streamed.meta['model']['name']} layer {layer} done "
+                  f"({a + 1}/{len(streamed.layers)})", file=sys.stderr)
+    return out.T if swap else out
+
+
+def _n_layers(store: ActivationStore) -> int:
+    # Stores record the captured layers; with the default --layers all, that is the model.
+    return int(store.meta["model"].get("n_layers") or max(store.layers) + 1)
+
+
+def heatmap(path: Path, cka: np.ndarray, src_layers, tgt_layers, chosen, rel, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(7, 0.35 * len(tgt_layers) + 2.5), max(4, 0.25 * len(src_layers) + 2)))
+    im = ax.imshow(cka, origin="lower", aspect="auto", cmap="viridis", vmin=0, vmax=max(1e-9, cka.max()))
+    xs = np.arange(len(tgt_layers))
+    ax.plot(xs, rel, "--", color="cyan", marker="s", ms=4, lw=1.5, label="relative depth")
+    ax.plot(xs, chosen, "-", color="red", marker="o", ms=4, lw=2, label="chosen (monotone DP)")
+    ax.set_xticks(xs, [str(x) for x in tgt_layers], fontsize=7)
+    ax.set_yticks(np.arange(len(src_layers)), [str(x) for x in src_layers], fontsize=7)
+    ax.set_xlabel("target layer")
+    ax.set_ylabel("source layer")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="upper left", fontsize=7)
+    fig.colorbar(im, ax=ax, label="linear CKA")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run_layermap(cfg: LayermapConfig, progress: bool = False) -> dict:
+    """Compute the CKA matrix and both layer maps; write layermap.json + heatmap.png."""
+    t0 = time.perf_counter()
+    if cfg.n_pairs < 2:
+        raise ValueError(f"--n-pairs must be at least 2, got {cfg.n_pairs}")
+    src, tgt = storage.open_store(cfg.src_store), storage.open_store(cfg.tgt_store)
+    check_same_text(src, tgt)
+    for s in (src, tgt):
+        _need_site(s, cfg.site)
+    al = load_alignment(cfg.align)
+    al.check_stores(src, tgt)
+    src_rows, tgt_rows = al.sample(cfg.n_pairs, cfg.seed)
+    if len(src_rows) < 2:
+        raise StoreError(f"--align {cfg.align} has {len(src_rows)} pair(s); CKA needs at least 2")
+    cka = cka_matrix(src, tgt, cfg.site, src_rows, tgt_rows, progress=progress)
+    chosen = monotone_assignment(cka)
+    rel = relative_depth(src.layers, tgt.layers, _n_layers(src), _n_layers(tgt))
+
+    def as_map(idx):
+        return [{"target_layer": lt, "source_layer": src.layers[i], "cka": float(cka[i, t])}
+                for t, (lt, i) in enumerate(zip(tgt.layers, idx))]
+
+    total = {"chosen": float(sum(cka[i, t] for t, i in enumerate(chosen))),
+             "relative_depth": float(sum(cka[i, t] for t, i in enumerate(rel)))}
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sm, tm = src.meta["model"]["name"], tgt.meta["model"]["name"]
+    heatmap(out / HEATMAP_PNG, cka, src.layers, tgt.layers, chosen, rel,
+            f"linear CKA, site {cfg.site}, {len(src_rows):,} aligned pairs\n"
+            f"source {sm}, target {tm}\n"
+            f"total CKA: chosen {total['chosen']:.2f}, relative depth {total['relative_depth']:.2f}")
+    meta = {
+        "kind": LAYERMAP_KIND, "version": LAYERMAP_VERSION, "metric": "linear_cka", "site": cfg.site,
+        "n_pairs": int(len(src_rows)), "seed": cfg.seed,
+        "source": {**store_identity(src), "layers": src.layers},
+        "target": {**store_identity(tgt), "layers": tgt.layers},
+        "alignment": {"path": str(al.path), "n_pairs": al.n_pairs, "coverage": al.coverage},
+        "source_layers": src.layers, "target_layers": tgt.layers,
+        "cka": [[float(v) for v in row] for row in cka],
+        "cka_axes": "cka[i][j]: source_layers[i] vs target_layers[j]",
+        "map": as_map(chosen), "relative_depth_map": as_map(rel), "total_cka": total,
+        "mean_cka": {k: v / len(tgt.layers) for k, v in total.items()},
+        "heatmap": HEATMAP_PNG, "seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib(),
+    }
+    tmp = out / f".tmp-{uuid.uuid4().hex[:8]}-{LAYERMAP_JSON}"
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, out / LAYERMAP_JSON)  # the json appears whole or not at all
+    return meta
+
+
+def _need_site(store: ActivationStore, site: str) -> None:
+    if site not in store.sites:
+        raise StoreError(f"--site {site}: {store.path} does not store it (it has {', '.join(store.sites)})")
+
+
+@dataclass
+class LayerMap:
+    """A loaded layermap.json: what head training needs to pick (source, target) layers."""
+
+    path: Path
+    site: str
+    source_layers: list[int]
+    target_layers: list[int]
+    cka: np.ndarray
+    """(len(source_layers), len(target_layers)) linear CKA."""
+    mapping: dict[int, int]
+    """target layer -> chosen source layer (monotone DP)."""
+    relative_depth: dict[int, int]
+    """target layer -> source layer at the same relative depth (baseline)."""
+    total_cka: dict[str, float]
+    """{"chosen": ..., "relative_depth": ...}: summed CKA of each map."""
+    n_pairs: int
+    source: dict
+    """Source store identity (model, hashes, n_tokens, path)."""
+    target: dict
+    meta: dict = field(repr=False)
+    """The whole layermap.json."""
+
+    def pairs(self, which: str = "chosen") -> list[tuple[int, int]]:
+        """(source layer, target layer) per target layer, shallow to deep."""
+        m = self.mapping if which == "chosen" else self.relative_depth
+        return [(m[t], t) for t in self.target_layers]
+
+    def check_stores(self, src: ActivationStore, tgt: ActivationStore) -> None:
+        """Raise StoreError unless src/tgt are the stores this map was measured on."""
+        from pipeline.align import check_identity
+
+        check_identity(self.source, src, "source", self.path)
+        check_identity(self.target, tgt, "target", self.path)
+
+
+def load_layermap(path: str | Path) -> LayerMap:
+    """Open a layermap directory (or its layermap.json) written by `cast layermap`."""
+    path = Path(path)
+    f = path if path.suffix == ".json" else path / LAYERMAP_JSON
+    if not f.exists():
+        raise StoreError(f"{f} not found; make it with `cast layermap SRC TGT --align ALIGN --out {path}`")
+    meta = json.loads(f.read_text())
+    if meta.get("kind") != LAYERMAP_KIND:
+        raise StoreError(f"{f} is not a CAST layer map (kind {meta.get('kind')!r})")
+    return LayerMap(
+        path=f, site=meta["site"], source_layers=meta["source_layers"], target_layers=meta["target_layers"],
+        cka=np.asarray(meta["cka"], dtype=np.float64),
+        mapping={m["target_layer"]: m["source_layer"] for m in meta["map"]},
+        relative_depth={m["target_layer"]: m["source_layer"] for m in meta["relative_depth_map"]},
+        total_cka=meta["total_cka"], n_pairs=meta["n_pairs"], source=meta["source"], target=meta["target"],
+        meta=meta)
+
+
+def format_layermap(meta: dict) -> str:
+    lines = [f"site {meta['site']}, {meta['n_pairs']:,} aligned pairs, "
+             f"{meta['source']['model']} (source) -> {meta['target']['model']} (target)",
+             f"{'target':>6}  {'chosen':>6} {'CKA':>6}   {'rel.depth':>9} {'CKA':>6}"]
+    for c, r in zip(meta["map"], meta["relative_depth_map"]):
+        lines.append(f"{c['target_layer']:>6}  {c['source_layer']:>6} {c['cka']:>6.3f}   "
+                     f"{r['source_layer']:>9} {r['cka']:>6.3f}")
+    t = meta["total_cka"]
+    lines.append(f"total CKA: chosen {t['chosen']:.3f}, relative depth {t['relative_depth']:.3f} "
+                 f"(mean {meta['mean_cka']['chosen']:.3f} vs {meta['mean_cka']['relative_depth']:.3f})")
+    lines.append(f"peak memory {meta['peak_rss_mib']:,.0f} MiB, {meta['seconds']:.1f} s")
+    return "\n".join(lines)
