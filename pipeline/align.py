@@ -11,7 +11,8 @@ each other.
     src_rows, tgt_rows = al.sample(4096, seed=0)
 
 The artifact is a directory: `pairs.parquet` (int64 src_row, tgt_row, segment_id,
-char_end; rows are global row indices into `store.array(...)`, sorted by src_row) and
+char_end, src_pos, tgt_pos; rows are global row indices into `store.array(...)`, sorted
+by src_row; positions are each token's index in its model's input sequence) and
 `align.json` (both stores' identities, counts, coverage per side).
 """
 from __future__ import annotations
@@ -38,7 +39,9 @@ PAIRS_FILE = "pairs.parquet"
 ALIGN_KIND = "cast.alignment"
 ALIGN_VERSION = 1
 PAIRS_SCHEMA = pa.schema([("src_row", pa.int64()), ("tgt_row", pa.int64()),
-                          ("segment_id", pa.int64()), ("char_end", pa.int64())])
+                          ("segment_id", pa.int64()), ("char_end", pa.int64()),
+                          ("src_pos", pa.int64()), ("tgt_pos", pa.int64())])
+META_FIELDS = ("segment_id", "char_start", "char_end", "position")
 # Fields that must agree between two stores before their tokens can be paired: the same
 # documents (corpus hash) cut into the same segments (segmentation hash, max_chars).
 SHARED_FIELDS = (("corpus hash", ("corpus", "hash")),
@@ -151,7 +154,7 @@ def _unit_blocks(store: ActivationStore):
     for rec in store.manifest:
         n = rec["n_tokens"]
         block = {k: np.asarray(tokens[k][row:row + n].compute())
-                 for k in ("segment_id", "char_start", "char_end")}
+                 for k in META_FIELDS}
         block["row"] = np.arange(row, row + n, dtype=np.int64)
         yield block
         row += n
@@ -187,7 +190,7 @@ class _Side:
 
     def take(self, upto: float) -> dict[str, np.ndarray]:
         if self.buf is None:
-            return {k: np.zeros(0, np.int64) for k in ("segment_id", "char_start", "char_end", "row")}
+            return {k: np.zeros(0, np.int64) for k in (*META_FIELDS, "row")}
         cut = int(np.searchsorted(self.buf["segment_id"], upto, side="right")) if upto != float("inf") \
             else len(self.buf["row"])
         out = {k: v[:cut] for k, v in self.buf.items()}
@@ -196,7 +199,7 @@ class _Side:
 
 
 def _stream_pairs(src: ActivationStore, tgt: ActivationStore, counts: dict):
-    """Yield (src_row, tgt_row, segment_id, char_end) batches over segments present in
+    """Yield (src_row, tgt_row, segment_id, char_end, src_pos, tgt_pos) batches over segments present in
     both stores, holding at most about two units per store in memory."""
     s, t = _Side(src), _Side(tgt)
     while True:
@@ -215,7 +218,8 @@ def _stream_pairs(src: ActivationStore, tgt: ActivationStore, counts: dict):
                                                       & (blk["char_end"] > 0)).sum())
             i, j = match_ends(a, b)
             if len(i):
-                yield a["row"][i], b["row"][j], a["segment_id"][i], a["char_end"][i]
+                yield (a["row"][i], b["row"][j], a["segment_id"][i], a["char_end"][i],
+                       a["position"][i], b["position"][j])
         if s.done and t.done:
             return
         # Read ahead on whichever side holds back the frontier.
@@ -312,7 +316,7 @@ class Alignment:
         return self.meta["coverage"]
 
     def iter_batches(self, batch_rows: int = 262_144):
-        """Pairs as dicts of int64 arrays (src_row, tgt_row, segment_id, char_end), in order."""
+        """Pairs as dicts of int64 arrays (PAIRS_SCHEMA's columns), in order."""
         for rb in pq.ParquetFile(self.path / PAIRS_FILE).iter_batches(batch_size=batch_rows):
             yield {name: rb.column(name).to_numpy() for name in PAIRS_SCHEMA.names}
 
@@ -320,18 +324,23 @@ class Alignment:
         """All pairs at once (16 bytes per pair per column): fine for small corpora."""
         return {k: v.to_numpy() for k, v in zip(PAIRS_SCHEMA.names, pq.read_table(self.path / PAIRS_FILE).columns)}
 
-    def sample(self, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """Up to n pairs drawn without replacement (seeded), as (src_rows, tgt_rows) sorted
-        by row, read batch by batch so memory does not grow with the corpus."""
+    def sample(self, n: int, seed: int = 0, min_position: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Up to n pairs drawn without replacement (seeded) among those whose tokens both
+        sit at position >= min_position, as (src_rows, tgt_rows) sorted by row. Two
+        streaming passes (count, then pick), so memory does not grow with the corpus."""
+        def eligible(b):
+            return (b["src_pos"] >= min_position) & (b["tgt_pos"] >= min_position)
+
+        total = self.n_pairs if min_position <= 0 else sum(int(eligible(b).sum()) for b in self.iter_batches())
         rng = np.random.default_rng(seed)
-        pick = np.sort(rng.choice(self.n_pairs, size=min(n, self.n_pairs), replace=False))
-        src, tgt, base = [], [], 0
+        pick = np.sort(rng.choice(total, size=min(n, total), replace=False))
+        src, tgt, base = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], 0
         for b in self.iter_batches():
-            m = len(b["src_row"])
-            lo, hi = np.searchsorted(pick, [base, base + m])
-            src.append(b["src_row"][pick[lo:hi] - base])
-            tgt.append(b["tgt_row"][pick[lo:hi] - base])
-            base += m
+            keep = np.flatnonzero(eligible(b))
+            lo, hi = np.searchsorted(pick, [base, base + len(keep)])
+            src.append(b["src_row"][keep[pick[lo:hi] - base]])
+            tgt.append(b["tgt_row"][keep[pick[lo:hi] - base]])
+            base += len(keep)
         return np.concatenate(src), np.concatenate(tgt)
 
     def check_stores(self, src: ActivationStore, tgt: ActivationStore) -> None:

@@ -55,6 +55,14 @@ class LayermapConfig:
     """Aligned pairs sampled for CKA; cost grows linearly, memory too."""
     seed: int = 0
     """Seed of the pair sample."""
+    min_position: int = 1
+    """Skip pairs where either token sits before this position of its model's input.
+    Position 0 is an attention sink: its residual norm is ~170x that of other tokens in
+    SmolLM2 (measured 23,681 vs 140), so those few tokens would decide the whole CKA.
+    0 keeps every pair."""
+    standardize: bool = False
+    """Scale every feature to unit variance before CKA, so that a few huge dimensions
+    (Gemma-3's residual stream has outliers near 1e5) do not decide the whole score."""
 
 
 # ----------------------------------------------------------------------------- maths
@@ -104,17 +112,22 @@ def relative_depth(src_layers: list[int], tgt_layers: list[int], n_src: int, n_t
 # ----------------------------------------------------------------------------- store side
 
 
-def gather(store: ActivationStore, layer: int, site: str, rows: np.ndarray) -> np.ndarray:
+def gather(store: ActivationStore, layer: int, site: str, rows: np.ndarray,
+           standardize: bool = False) -> np.ndarray:
     """The sampled rows of one (layer, site), centred, float32. Rows are sorted, so dask
     reads each chunk at most once and keeps only the rows it needs from it."""
     x = store.array(layer, site)[rows].compute()
     if not np.isfinite(x).all():
         raise StoreError(f"{store.path}: layer {layer} site {site} holds inf/nan; run `cast verify {store.path}`")
-    return centre(x).astype(np.float32)
+    x = centre(x)
+    if standardize:
+        sd = x.std(axis=0)
+        x = x / np.where(sd > 0, sd, 1.0)  # constant features stay zero
+    return x.astype(np.float32)
 
 
 def cka_matrix(src: ActivationStore, tgt: ActivationStore, site: str, src_rows: np.ndarray,
-               tgt_rows: np.ndarray, progress: bool = False) -> np.ndarray:
+               tgt_rows: np.ndarray, standardize: bool = False, progress: bool = False) -> np.ndarray:
     """(n_src_layers, n_tgt_layers) linear CKA, holding one side's samples in memory."""
     def volume(s):
         return len(s.layers) * s.meta["dims"][site]
@@ -122,11 +135,11 @@ def cka_matrix(src: ActivationStore, tgt: ActivationStore, site: str, src_rows: 
     swap = volume(src) < volume(tgt)  # hold the smaller side, stream the larger one
     held, streamed = (src, tgt) if swap else (tgt, src)
     held_rows, streamed_rows = (src_rows, tgt_rows) if swap else (tgt_rows, src_rows)
-    hs = [gather(held, layer, site, held_rows) for layer in held.layers]
+    hs = [gather(held, layer, site, held_rows, standardize) for layer in held.layers]
     h_norm = [np.linalg.norm(h.astype(np.float64).T @ h.astype(np.float64)) for h in hs]
     out = np.zeros((len(streamed.layers), len(hs)))
     for a, layer in enumerate(streamed.layers):
-        x = gather(streamed, layer, site, streamed_rows).astype(np.float64)
+        x = gather(streamed, layer, site, streamed_rows, standardize).astype(np.float64)
         x_norm = np.linalg.norm(x.T @ x)
         for b, h in enumerate(hs):
             denom = x_norm * h_norm[b]
@@ -181,10 +194,11 @@ def run_layermap(cfg: LayermapConfig, progress: bool = False) -> dict:
         _need_site(s, cfg.site)
     al = load_alignment(cfg.align)
     al.check_stores(src, tgt)
-    src_rows, tgt_rows = al.sample(cfg.n_pairs, cfg.seed)
+    src_rows, tgt_rows = al.sample(cfg.n_pairs, cfg.seed, cfg.min_position)
     if len(src_rows) < 2:
-        raise StoreError(f"--align {cfg.align} has {len(src_rows)} pair(s); CKA needs at least 2")
-    cka = cka_matrix(src, tgt, cfg.site, src_rows, tgt_rows, progress=progress)
+        raise StoreError(f"--align {cfg.align} has {len(src_rows)} pair(s) at --min-position "
+                         f"{cfg.min_position} or later; CKA needs at least 2")
+    cka = cka_matrix(src, tgt, cfg.site, src_rows, tgt_rows, cfg.standardize, progress=progress)
     chosen = monotone_assignment(cka)
     rel = relative_depth(src.layers, tgt.layers, _n_layers(src), _n_layers(tgt))
 
@@ -198,11 +212,13 @@ def run_layermap(cfg: LayermapConfig, progress: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     sm, tm = src.meta["model"]["name"], tgt.meta["model"]["name"]
     heatmap(out / HEATMAP_PNG, cka, src.layers, tgt.layers, chosen, rel,
-            f"linear CKA, site {cfg.site}, {len(src_rows):,} aligned pairs\n"
+            f"linear CKA{' (standardised features)' if cfg.standardize else ''}, site {cfg.site}, "
+            f"{len(src_rows):,} aligned pairs\n"
             f"source {sm}, target {tm}\n"
             f"total CKA: chosen {total['chosen']:.2f}, relative depth {total['relative_depth']:.2f}")
     meta = {
         "kind": LAYERMAP_KIND, "version": LAYERMAP_VERSION, "metric": "linear_cka", "site": cfg.site,
+        "standardize": cfg.standardize, "min_position": cfg.min_position,
         "n_pairs": int(len(src_rows)), "seed": cfg.seed,
         "source": {**store_identity(src), "layers": src.layers},
         "target": {**store_identity(tgt), "layers": tgt.layers},
@@ -280,7 +296,8 @@ def load_layermap(path: str | Path) -> LayerMap:
 
 
 def format_layermap(meta: dict) -> str:
-    lines = [f"site {meta['site']}, {meta['n_pairs']:,} aligned pairs, "
+    lines = [f"site {meta['site']}{' (standardised features)' if meta.get('standardize') else ''}, "
+             f"{meta['n_pairs']:,} aligned pairs, "
              f"{meta['source']['model']} (source) -> {meta['target']['model']} (target)",
              f"{'target':>6}  {'chosen':>6} {'CKA':>6}   {'rel.depth':>9} {'CKA':>6}"]
     for c, r in zip(meta["map"], meta["relative_depth_map"]):

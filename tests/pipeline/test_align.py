@@ -75,6 +75,9 @@ def test_align_stores_matches_brute_force(stores, tmp_path):
     assert (s["segment_id"][p["src_row"]] == p["segment_id"]).all()
     assert (t["segment_id"][p["tgt_row"]] == p["segment_id"]).all()
     assert (t["char_end"][p["tgt_row"]] > 0).all()
+    assert (s["position"][p["src_row"]] == p["src_pos"]).all()
+    assert (t["position"][p["tgt_row"]] == p["tgt_pos"]).all()
+    assert (p["tgt_pos"] >= 1).all()  # the target's position 0 is its BOS
     # Coverage: aligned / text tokens in shared segments, per side.
     in_s, in_t = np.isin(s["segment_id"], shared), np.isin(t["segment_id"], shared)
     text_t = int((in_t & (t["char_end"] > t["char_start"])).sum())
@@ -97,6 +100,11 @@ def test_small_row_groups_and_sample(stores, tmp_path):
     assert set(zip(src, tgt)) <= set(zip(whole["src_row"], whole["tgt_row"]))
     assert np.array_equal(al.sample(20, seed=3)[0], src)
     assert len(al.sample(10**6)[0]) == al.n_pairs
+    # min_position drops pairs whose tokens open a sequence (attention sinks).
+    late = (whole["src_pos"] >= 2) & (whole["tgt_pos"] >= 2)
+    src2, tgt2 = al.sample(10**6, min_position=2)
+    assert list(zip(src2, tgt2)) == list(zip(whole["src_row"][late], whole["tgt_row"][late]))
+    assert late.sum() < al.n_pairs
 
 
 def test_store_with_itself_aligns_every_text_token(stores, tmp_path):

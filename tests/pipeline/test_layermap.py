@@ -97,9 +97,10 @@ def test_relative_depth():
 # --------------------------------------------------------------------------- stores
 
 
-def test_same_model_maps_layer_i_to_i(stores, aligned, tmp_path):
+@pytest.mark.parametrize("standardize", [False, True])
+def test_same_model_maps_layer_i_to_i(stores, aligned, tmp_path, standardize):
     meta = run_layermap(LayermapConfig(str(stores["llama"]), str(stores["llama"]), str(aligned["self"]),
-                                       str(tmp_path / "lm"), n_pairs=150))
+                                       str(tmp_path / "lm"), n_pairs=150, standardize=standardize))
     lm = load_layermap(tmp_path / "lm")
     assert lm.mapping == {i: i for i in range(4)} == lm.relative_depth
     assert np.allclose(np.diag(lm.cka), 1.0)
@@ -127,7 +128,7 @@ def test_cross_model_layermap_artifact(stores, aligned, tmp_path, capsys):
     # The held/streamed choice must not change the matrix: recompute with roles swapped.
     src, tgt = storage.open_store(stores["llama"]), storage.open_store(stores["gemma"])
     from pipeline.align import load_alignment
-    r_s, r_t = load_alignment(aligned["cross"]).sample(4096, seed=0)
+    r_s, r_t = load_alignment(aligned["cross"]).sample(4096, seed=0, min_position=1)
     assert np.allclose(cka_matrix(tgt, src, "resid", r_t, r_s), lm.cka.T, atol=1e-6)
     lm.check_stores(src, tgt)
 
