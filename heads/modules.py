@@ -1,0 +1,89 @@
+"""Projection heads: map one model's activations at a site into the other model's space.
+
+Both kinds share one module so assembly loads either the same way:
+    mlp    y = destd( L·std(x) + W2·gelu(W1·std(x)) )   linear skip path + MLP
+    ridge  y = destd( L·std(x) )                         closed-form baseline / ablation
+std/destd use the stores' per-dimension statistics, so every head trains on unit-scale
+data whatever the model's activation scale (Gemma-3's residual stream reaches ~1e5).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+KINDS = ("mlp", "ridge")
+
+
+@dataclass
+class HeadConfig:
+    """Shape and kind of one head; saved as JSON beside its safetensors."""
+
+    kind: str
+    """'mlp' (linear skip + MLP) or 'ridge' (linear, closed form)."""
+    in_dim: int
+    """Width of the input site."""
+    out_dim: int
+    """Width of the output site."""
+    hidden: int = 1024
+    """MLP hidden width (mlp only)."""
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"--kind {self.kind!r}: choose one of {', '.join(KINDS)}")
+
+
+class ProjectionHead(nn.Module):
+    def __init__(self, cfg: HeadConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("in_mean", torch.zeros(cfg.in_dim))
+        self.register_buffer("in_std", torch.ones(cfg.in_dim))
+        self.register_buffer("out_mean", torch.zeros(cfg.out_dim))
+        self.register_buffer("out_std", torch.ones(cfg.out_dim))
+        self.linear = nn.Linear(cfg.in_dim, cfg.out_dim)
+        if cfg.kind == "mlp":
+            self.up = nn.Linear(cfg.in_dim, cfg.hidden)
+            self.down = nn.Linear(cfg.hidden, cfg.out_dim)
+            # The MLP starts as a no-op, so training starts from the linear solution's
+            # neighbourhood rather than from noise.
+            nn.init.zeros_(self.down.weight)
+            nn.init.zeros_(self.down.bias)
+
+    def set_standardisation(self, in_mean, in_std, out_mean, out_std) -> None:
+        for name, value in zip(("in_mean", "in_std", "out_mean", "out_std"), (in_mean, in_std, out_mean, out_std)):
+            getattr(self, name).copy_(torch.as_tensor(value, dtype=torch.float32))
+
+    def standardised(self, z: torch.Tensor) -> torch.Tensor:
+        """(..., in_dim) standardised input -> (..., out_dim) standardised output."""
+        y = self.linear(z)
+        if self.cfg.kind == "mlp":
+            y = y + self.down(nn.functional.gelu(self.up(z)))
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in_dim) raw activations -> (..., out_dim) raw activations."""
+        z = (x.float() - self.in_mean) / self.in_std
+        y = self.standardised(z)
+        return (y * self.out_std + self.out_mean).to(x.dtype)
+
+    def save(self, path: Path, extra: dict | None = None) -> None:
+        """<path>.safetensors + <path>.json, written to temp names and renamed."""
+        path = Path(path)
+        tmp_w, tmp_j = path.with_suffix(".safetensors.tmp"), path.with_suffix(".json.tmp")
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(tmp_w))
+        tmp_j.write_text(json.dumps({"config": asdict(self.cfg), **(extra or {})}, indent=2))
+        tmp_w.rename(path.with_suffix(".safetensors"))
+        tmp_j.rename(path.with_suffix(".json"))
+
+    @classmethod
+    def load(cls, path: Path, device: str | torch.device = "cpu") -> "ProjectionHead":
+        path = Path(path)
+        meta = json.loads(path.with_suffix(".json").read_text())
+        head = cls(HeadConfig(**meta["config"]))
+        head.load_state_dict(load_file(str(path.with_suffix(".safetensors")), device=str(device)))
+        return head.eval()

@@ -1,0 +1,215 @@
+"""`cast train-heads`: every bridged (source layer, target layer, site) gets an encoder and
+a decoder, each an independent task (Ray or in-process), skipped when its inputs and
+config are unchanged, retried when it fails. Writes one safetensors + JSON per head and
+an index of the set."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import storage
+from heads.modules import KINDS, ProjectionHead
+from heads.train import HeadSpec, fit_head
+from pipeline.align import load_alignment, store_identity
+from pipeline.cache import sha256_bytes
+from pipeline.layermap import load_layermap
+
+from heads.headset import INDEX
+
+
+@dataclass
+class TrainHeadsConfig:
+    """What `cast train-heads` does; every field is a flag of the same name."""
+
+    src_store: str
+    """Source model's activation store."""
+    tgt_store: str
+    """Target model's activation store (same corpus and segmentation)."""
+    align: str
+    """Alignment directory from `cast align`."""
+    layermap: str
+    """Layer map from `cast layermap`: which source layer bridges to each target layer."""
+    out: str
+    """Head-set directory; re-running skips heads whose inputs and config are unchanged."""
+    sites: str = "attn_in"
+    """Comma-separated sites to bridge: the adapted modules' inputs (encode) and outputs (decode)."""
+    kinds: str = "mlp,ridge"
+    """Head kinds to fit: mlp (linear skip + MLP), ridge (closed-form linear baseline)."""
+    directions: str = "encoder,decoder"
+    """encoder: target -> source space; decoder: source -> target space."""
+    hidden: int = 1024
+    """MLP hidden width."""
+    epochs: int = 30
+    """Maximum MLP epochs (early stopping usually ends sooner)."""
+    patience: int = 3
+    """Epochs without held-out improvement before stopping."""
+    batch_size: int = 256
+    """MLP minibatch size."""
+    lr: float = 1e-3
+    """Peak learning rate (one-cycle schedule)."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    cosine_weight: float = 0.1
+    """Weight of the (1 - cosine) term added to the MSE loss."""
+    holdout: float = 0.1
+    """Fraction of segments held out for early stopping and the reported R^2."""
+    max_pairs: int = 0
+    """Use at most this many aligned pairs (0: all)."""
+    memory_budget_mb: int = 1024
+    """Per head: data under this size is read once and kept; above it, streamed per epoch."""
+    block_rows: int = 16384
+    """Rows per streamed block (the shuffle buffer)."""
+    seed: int = 0
+    """Seed for the split, sampling and initialisation."""
+    workers: int = 2
+    """Concurrent head tasks on Ray (1 CPU each); 0 trains in this process."""
+    address: str | None = None
+    """Ray cluster address; default starts a local Ray on 127.0.0.1."""
+    max_retries: int = 2
+    """Times a failed head task is retried before the run fails."""
+
+    def __post_init__(self):
+        bad = [k for k in self.kinds.split(",") if k not in KINDS]
+        if bad:
+            raise ValueError(f"--kinds: unknown {bad}; choose from {', '.join(KINDS)}")
+        bad = [d for d in self.directions.split(",") if d not in ("encoder", "decoder")]
+        if bad:
+            raise ValueError(f"--directions: unknown {bad}; use encoder,decoder")
+        if not 0 < self.holdout < 1:
+            raise ValueError(f"--holdout must be in (0, 1), got {self.holdout}")
+
+
+OPTION_KEYS = ("hidden", "epochs", "patience", "batch_size", "lr", "weight_decay", "cosine_weight",
+               "holdout", "max_pairs", "seed")
+
+
+def plan_heads(cfg: TrainHeadsConfig) -> tuple[list[HeadSpec], dict]:
+    src = storage.open_store(cfg.src_store)
+    tgt = storage.open_store(cfg.tgt_store)
+    al = load_alignment(cfg.align)
+    al.check_stores(src, tgt)
+    lm = load_layermap(cfg.layermap)
+    if lm.source["model"] != src.meta["model"]["name"] or lm.target["model"] != tgt.meta["model"]["name"]:
+        raise storage.StoreError(f"--layermap {cfg.layermap} maps {lm.source['model']} -> {lm.target['model']}, "
+                                 f"but the stores hold {src.meta['model']['name']} -> {tgt.meta['model']['name']}")
+    sites = [s.strip() for s in cfg.sites.split(",") if s.strip()]
+    for store, role in ((src, "--src-store"), (tgt, "--tgt-store")):
+        missing = [s for s in sites if s not in store.sites]
+        if missing:
+            raise storage.StoreError(f"{role} {store.path} has no site(s) {missing} (has {store.sites}); "
+                                     f"re-extract with --sites including them, or drop them from --sites")
+    specs = [HeadSpec(d, s_layer, t_layer, site, kind)
+             for t_layer, s_layer in sorted(lm.mapping.items())
+             for site in sites for d in cfg.directions.split(",") for kind in cfg.kinds.split(",")]
+    inputs = {"source": store_identity(src), "target": store_identity(tgt),
+              "alignment": sha256_bytes((Path(cfg.align) / "align.json").read_bytes()),
+              "layermap": {str(k): v for k, v in sorted(lm.mapping.items())}}
+    return specs, inputs
+
+
+def head_hash(spec: HeadSpec, inputs: dict, opts: dict) -> str:
+    return sha256_bytes(json.dumps({"spec": asdict(spec), "inputs": inputs, "opts": opts}, sort_keys=True))
+
+
+def train_and_save(spec: HeadSpec, paths: dict, opts: dict, digest: str, out: str) -> dict:
+    """One head task: fit, save safetensors + JSON (with its hash), return its metrics."""
+    import torch
+
+    torch.set_num_threads(opts.get("threads", 1))
+    head, metrics = fit_head(spec, paths, {k: v for k, v in opts.items() if k != "threads"})
+    target = Path(out) / spec.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    head.save(target, {"spec": asdict(spec), "hash": digest, "metrics": metrics})
+    return {"name": spec.name, "spec": asdict(spec), "hash": digest, "metrics": metrics}
+
+
+def _done(out: Path, spec: HeadSpec, digest: str) -> dict | None:
+    meta_file = (out / spec.name).with_suffix(".json")
+    if meta_file.exists() and (out / spec.name).with_suffix(".safetensors").exists():
+        meta = json.loads(meta_file.read_text())
+        if meta.get("hash") == digest:
+            return {"name": spec.name, "spec": meta["spec"], "hash": digest, "metrics": meta["metrics"]}
+    return None
+
+
+def run_train_heads(cfg: TrainHeadsConfig, progress: bool = True) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    specs, inputs = plan_heads(cfg)
+    opts = {k: getattr(cfg, k) for k in OPTION_KEYS}
+    run_opts = {**opts, "memory_budget_mb": cfg.memory_budget_mb, "block_rows": cfg.block_rows}
+    paths = {"src_store": cfg.src_store, "tgt_store": cfg.tgt_store, "align": cfg.align}
+    results, todo = {}, []
+    for spec in specs:
+        digest = head_hash(spec, inputs, opts)
+        done = _done(out, spec, digest)
+        if done:
+            results[spec.name] = {**done, "skipped": True}
+        else:
+            todo.append((spec, digest))
+    print(f"[cast] {len(specs)} heads: {len(specs) - len(todo)} up to date, {len(todo)} to train", file=sys.stderr)
+    bar = tqdm(total=len(todo), unit="head", desc="train-heads", disable=not progress, file=sys.stderr)
+    attempts: dict[str, int] = {}
+    t0 = time.perf_counter()
+
+    def failed(spec, digest, err) -> bool:
+        attempts[spec.name] = attempts.get(spec.name, 0) + 1
+        if attempts[spec.name] > cfg.max_retries:
+            raise RuntimeError(f"head {spec.name} failed {attempts[spec.name]} times; last error: {err}") from err
+        print(f"[cast] head {spec.name} failed ({type(err).__name__}: {err}); retry "
+              f"{attempts[spec.name]}/{cfg.max_retries}", file=sys.stderr)
+        return True
+
+    if cfg.workers == 0:
+        queue = list(todo)
+        while queue:
+            spec, digest = queue.pop(0)
+            try:
+                res = train_and_save(spec, paths, {**run_opts, "threads": torch.get_num_threads()}, digest, cfg.out)
+            except Exception as err:  # noqa: BLE001 - counted and retried, re-raised past max_retries
+                failed(spec, digest, err)
+                queue.append((spec, digest))
+                continue
+            results[spec.name] = res
+            bar.update(1)
+    elif todo:
+        from pipeline.raytools import ray_session
+
+        with ray_session(cfg.address) as ray:
+            task = ray.remote(num_cpus=1, max_retries=0)(train_and_save)
+            pending = {}
+            queue = list(todo)
+
+            def submit(item):
+                spec, digest = item
+                pending[task.remote(spec, paths, {**run_opts, "threads": 1}, digest, cfg.out)] = item
+
+            while queue and len(pending) < cfg.workers:
+                submit(queue.pop(0))
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                item = pending.pop(ready[0])
+                try:
+                    res = ray.get(ready[0])
+                except Exception as err:  # noqa: BLE001 - task errors and worker crashes alike
+                    failed(*item, err)
+                    queue.append(item)
+                else:
+                    results[item[0].name] = res
+                    bar.update(1)
+                while queue and len(pending) < cfg.workers:
+                    submit(queue.pop(0))
+    bar.close()
+    index = {"kind": "cast-heads", "version": 1, "inputs": inputs, "options": opts,
+             "paths": paths, "layermap_path": cfg.layermap,
+             "heads": [results[s.name] for s in specs], "seconds": time.perf_counter() - t0}
+    tmp = out / f".{INDEX}.tmp"
+    tmp.write_text(json.dumps(index, indent=2))
+    tmp.rename(out / INDEX)
+    return index

@@ -1,0 +1,38 @@
+"""`cast train-heads`: fit encoder/decoder heads from two activation stores."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from jobs.args import add_dataclass_args, to_dataclass
+
+
+def cmd_train_heads(ns) -> int:
+    from heads.headset import format_table, plot_r2
+    from heads.run import TrainHeadsConfig, run_train_heads
+
+    cfg = to_dataclass(TrainHeadsConfig, ns)
+    index = run_train_heads(cfg, progress=not ns.quiet)
+    table = format_table(index)
+    out = Path(cfg.out)
+    (out / "summary.md").write_text("Held-out R² (training seconds) per head\n\n```\n" + table + "\n```\n")
+    plot_r2(index, out / "r2_by_layer.png")
+    print(table)
+    print(json.dumps({"heads": len(index["heads"]), "out": str(out), "plot": str(out / "r2_by_layer.png"),
+                      "skipped": sum(1 for h in index["heads"] if h.get("skipped"))}))
+    return 0
+
+
+def register(sub) -> None:
+    from heads.run import TrainHeadsConfig
+
+    s = sub.add_parser(
+        "train-heads", help="fit encoder/decoder projection heads from the stores (CPU, Ray tasks)",
+        description="For every bridged (source layer, target layer) of the layer map and every site, fit an "
+        "encoder (target -> source space) and a decoder (source -> target space) on aligned token pairs read "
+        "from the two stores. No model is loaded and no GPU is used; each head is an independent task, "
+        "skipped on re-runs when its inputs and config are unchanged. Writes HEADS/<direction>/<site>/*.safetensors "
+        "+ .json, HEADS/index.json, summary.md and r2_by_layer.png.")
+    add_dataclass_args(s, TrainHeadsConfig)
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_train_heads)

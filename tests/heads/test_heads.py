@@ -1,0 +1,132 @@
+"""Head training from stores alone: accuracy on known maps, skipping, retries, no model."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import heads.run as run_mod
+from heads.headset import load_heads
+from heads.run import TrainHeadsConfig, run_train_heads
+from tests.heads.synth import build
+
+ROOT = Path(__file__).resolve().parents[2]
+M = np.random.default_rng(1).standard_normal((12, 12)) + 2 * np.eye(12)  # invertible
+
+
+def linear(x):
+    return x[:, :12] @ M + 0.5
+
+
+def nonlinear(x):
+    return np.tanh(x[:, :12] * x[:, 4:]) * 2 + np.sin(x[:, :12])
+
+
+@pytest.fixture(scope="module")
+def linear_set(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("lin"), linear, d_src=12)
+
+
+def r2s(index, direction, kind):
+    return [h["metrics"]["heldout"]["r2"] for h in index["heads"]
+            if h["spec"]["direction"] == direction and h["spec"]["kind"] == kind]
+
+
+def test_linear_map_is_recovered_both_ways(linear_set, tmp_path):
+    index = run_train_heads(TrainHeadsConfig(**linear_set, out=str(tmp_path / "h"), workers=0), progress=False)
+    for direction in ("encoder", "decoder"):
+        for kind in ("mlp", "ridge"):
+            assert min(r2s(index, direction, kind)) > 0.99, (direction, kind)
+    # The loaded decoder maps raw source activations onto raw target activations.
+    hs = load_heads(tmp_path / "h")
+    x = np.random.default_rng(5).standard_normal((64, 12)).astype(np.float32)
+    with torch.no_grad():
+        y = hs.head("decoder", 0, "attn_in", "ridge")(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(y, linear(x), rtol=1e-2, atol=2e-2 * np.abs(linear(x)).max())
+
+
+def test_mlp_head_clearly_beats_ridge_on_a_nonlinear_map(tmp_path):
+    paths = build(tmp_path, nonlinear)
+    index = run_train_heads(TrainHeadsConfig(**paths, out=str(tmp_path / "h"), workers=0, directions="decoder"),
+                            progress=False)
+    mlp, ridge = r2s(index, "decoder", "mlp")[0], r2s(index, "decoder", "ridge")[0]
+    assert mlp > ridge + 0.3 and mlp > 0.6, (mlp, ridge)
+
+
+def test_streaming_loader_in_a_small_memory_budget(linear_set, tmp_path):
+    index = run_train_heads(TrainHeadsConfig(**linear_set, out=str(tmp_path / "h"), workers=0, kinds="ridge",
+                                             memory_budget_mb=0, block_rows=700), progress=False)
+    assert all(h["metrics"]["streamed"] for h in index["heads"])
+    assert min(r2s(index, "decoder", "ridge")) > 0.99
+
+
+def test_rerun_skips_and_changed_config_retrains(linear_set, tmp_path):
+    cfg = dict(**linear_set, out=str(tmp_path / "h"), workers=0, kinds="ridge")
+    first = run_train_heads(TrainHeadsConfig(**cfg), progress=False)
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "h").rglob("*.safetensors")}
+    again = run_train_heads(TrainHeadsConfig(**cfg), progress=False)
+    assert all(h.get("skipped") for h in again["heads"]) and len(again["heads"]) == len(first["heads"]) == 2
+    assert files == {p: p.stat().st_mtime_ns for p in (tmp_path / "h").rglob("*.safetensors")}
+    changed = run_train_heads(TrainHeadsConfig(**{**cfg, "holdout": 0.2}), progress=False)
+    assert not any(h.get("skipped") for h in changed["heads"])
+
+
+def test_a_failed_head_is_retried(linear_set, tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    real = run_mod.fit_head
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError("store read interrupted")
+        return real(*a, **k)
+
+    monkeypatch.setattr(run_mod, "fit_head", flaky)
+    index = run_train_heads(TrainHeadsConfig(**linear_set, out=str(tmp_path / "h"), workers=0, kinds="ridge"),
+                            progress=False)
+    assert len(index["heads"]) == 2 and calls["n"] == 3
+    assert "failed (OSError: store read interrupted); retry 1/2" in capsys.readouterr().err
+
+    monkeypatch.setattr(run_mod, "fit_head", lambda *a, **k: (_ for _ in ()).throw(OSError("disk gone")))
+    with pytest.raises(RuntimeError, match="failed 3 times; last error: disk gone"):
+        run_train_heads(TrainHeadsConfig(**linear_set, out=str(tmp_path / "h2"), workers=0, kinds="ridge"),
+                        progress=False)
+
+
+def test_ray_tasks_give_the_same_heads(linear_set, tmp_path, ray_local):
+    a = run_train_heads(TrainHeadsConfig(**linear_set, out=str(tmp_path / "a"), workers=0, kinds="ridge"), progress=False)
+    b = run_train_heads(TrainHeadsConfig(**linear_set, out=str(tmp_path / "b"), workers=2, kinds="ridge"), progress=False)
+    for ha, hb in zip(a["heads"], b["heads"]):
+        assert ha["name"] == hb["name"]
+        assert ha["metrics"]["heldout"]["r2"] == pytest.approx(hb["metrics"]["heldout"]["r2"], abs=1e-6)
+
+
+def test_training_needs_no_model_files(linear_set, tmp_path):
+    """A fresh process with an empty model cache trains heads and never imports a model library."""
+    code = textwrap.dedent(f"""
+        import os, sys
+        os.environ["CAST_CACHE"] = {str(tmp_path / "empty-cache")!r}
+        from heads.run import TrainHeadsConfig, run_train_heads
+        idx = run_train_heads(TrainHeadsConfig(**{linear_set!r}, out={str(tmp_path / "h")!r}, workers=0,
+                                               kinds="ridge"), progress=False)
+        assert len(idx["heads"]) == 2
+        assert "transformers" not in sys.modules, "head training imported transformers"
+        assert not os.path.exists(os.path.join(os.environ["CAST_CACHE"], "models"))
+        print("ok")
+    """)
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
+
+
+def test_index_and_artifacts_are_safetensors_and_json(linear_set, tmp_path):
+    run_train_heads(TrainHeadsConfig(**linear_set, out=str(tmp_path / "h"), workers=0, kinds="ridge"), progress=False)
+    files = sorted(p.suffix for p in (tmp_path / "h").rglob("*") if p.is_file())
+    assert set(files) == {".json", ".safetensors"}
+    index = json.loads((tmp_path / "h" / "index.json").read_text())
+    assert index["inputs"]["source"]["model"] == "src" and index["inputs"]["layermap"] == {"0": 0}
