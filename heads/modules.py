@@ -37,6 +37,12 @@ class HeadConfig:
             raise ValueError(f"--kind {self.kind!r}: choose one of {', '.join(KINDS)}")
 
 
+def artifact_paths(path: str | Path) -> tuple[Path, Path]:
+    """<name>.safetensors and <name>.json. Names carry a kind suffix ('x.mlp', 'x.ridge'),
+    so the extension is appended, never substituted."""
+    return Path(f"{path}.safetensors"), Path(f"{path}.json")
+
+
 class ProjectionHead(nn.Module):
     def __init__(self, cfg: HeadConfig):
         super().__init__()
@@ -73,17 +79,17 @@ class ProjectionHead(nn.Module):
 
     def save(self, path: Path, extra: dict | None = None) -> None:
         """<path>.safetensors + <path>.json, written to temp names and renamed."""
-        path = Path(path)
-        tmp_w, tmp_j = path.with_suffix(".safetensors.tmp"), path.with_suffix(".json.tmp")
+        weights, meta = artifact_paths(path)
+        tmp_w, tmp_j = Path(f"{weights}.tmp"), Path(f"{meta}.tmp")
         save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(tmp_w))
         tmp_j.write_text(json.dumps({"config": asdict(self.cfg), **(extra or {})}, indent=2))
-        tmp_w.rename(path.with_suffix(".safetensors"))
-        tmp_j.rename(path.with_suffix(".json"))
+        tmp_w.rename(weights)
+        tmp_j.rename(meta)
 
     @classmethod
     def load(cls, path: Path, device: str | torch.device = "cpu") -> "ProjectionHead":
-        path = Path(path)
-        meta = json.loads(path.with_suffix(".json").read_text())
+        weights, meta_file = artifact_paths(path)
+        meta = json.loads(meta_file.read_text())
         head = cls(HeadConfig(**meta["config"]))
-        head.load_state_dict(load_file(str(path.with_suffix(".safetensors")), device=str(device)))
+        head.load_state_dict(load_file(str(weights), device=str(device)))
         return head.eval()

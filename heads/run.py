@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import storage
-from heads.modules import KINDS, ProjectionHead
+from heads.modules import KINDS, artifact_paths
 from heads.train import HeadSpec, fit_head
 from pipeline.align import load_alignment, store_identity
 from pipeline.cache import sha256_bytes
@@ -127,8 +127,8 @@ def train_and_save(spec: HeadSpec, paths: dict, opts: dict, digest: str, out: st
 
 
 def _done(out: Path, spec: HeadSpec, digest: str) -> dict | None:
-    meta_file = (out / spec.name).with_suffix(".json")
-    if meta_file.exists() and (out / spec.name).with_suffix(".safetensors").exists():
+    weights, meta_file = artifact_paths(out / spec.name)
+    if meta_file.exists() and weights.exists():
         meta = json.loads(meta_file.read_text())
         if meta.get("hash") == digest:
             return {"name": spec.name, "spec": meta["spec"], "hash": digest, "metrics": meta["metrics"]}

@@ -43,6 +43,8 @@ def test_linear_map_is_recovered_both_ways(linear_set, tmp_path):
     for direction in ("encoder", "decoder"):
         for kind in ("mlp", "ridge"):
             assert min(r2s(index, direction, kind)) > 0.99, (direction, kind)
+    names = sorted(p.name for p in (tmp_path / "h" / "decoder" / "attn_in").iterdir())
+    assert names == ["T00-S00.mlp.json", "T00-S00.mlp.safetensors", "T00-S00.ridge.json", "T00-S00.ridge.safetensors"]
     # The loaded decoder maps raw source activations onto raw target activations.
     hs = load_heads(tmp_path / "h")
     x = np.random.default_rng(5).standard_normal((64, 12)).astype(np.float32)

@@ -1,0 +1,146 @@
+"""The LoRA-through-bridge: a frozen source LoRA applied to the target model via heads.
+
+At each bridged target module (e.g. layer 7's q_proj) with input x_t and output y_t:
+    x_s   = E_in(x_t)                         target input  -> source input space
+    d_s   = scale * B @ A @ x_s               the frozen source LoRA, in source space
+    d_t   = D(y_s + d_s) - D(y_s)             its change, decoded into target output space
+            with y_s = E_out(y_t)             (for a linear D this is just D's map of d_s)
+    y_t  <- y_t + d_t
+Forward hooks on the target's own linear modules carry it, so `generate` works unchanged.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from heads.modules import ProjectionHead
+from pipeline.hooks import get_layer_list
+
+# Which site carries each LoRA-able module's input and output (DESIGN §8 targets).
+IN_SITE = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "gate_proj": "mlp_in",
+           "up_proj": "mlp_in", "o_proj": "o_proj.in", "down_proj": "down_proj.in"}
+_KEY = re.compile(r"layers\.(\d+)\..*?([a-z_]+_proj)\.lora_([AB])\.weight$")
+
+
+class BridgeError(ValueError):
+    """An adapter or head set that cannot be bridged; the message says what to do."""
+
+
+def out_site(module: str) -> str:
+    return f"{module}.out"
+
+
+@dataclass
+class LoraWeights:
+    """A PEFT LoRA read as plain tensors: (layer, module) -> (A, B), and its scale."""
+
+    layers: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    scale: float
+    config: dict
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted({m for _, m in self.layers})
+
+    @property
+    def source_layers(self) -> list[int]:
+        return sorted({l for l, _ in self.layers})
+
+
+def read_lora(adapter_dir: str | Path) -> LoraWeights:
+    d = Path(adapter_dir)
+    cfg_file, weights = d / "adapter_config.json", d / "adapter_model.safetensors"
+    if not cfg_file.is_file() or not weights.is_file():
+        raise BridgeError(f"--adapter {d}: expected a PEFT adapter directory with adapter_config.json "
+                          f"and adapter_model.safetensors")
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora") or cfg.get("modules_to_save"):
+        raise BridgeError(f"--adapter {d}: only plain LoRA adapters can be bridged (no DoRA, no "
+                          f"modules_to_save); this one has peft_type={cfg.get('peft_type')}, "
+                          f"use_dora={cfg.get('use_dora')}, modules_to_save={cfg.get('modules_to_save')}")
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise BridgeError(f"--adapter {d}: per-module rank/alpha patterns are not supported")
+    r = cfg["r"]
+    scale = cfg["lora_alpha"] / (r ** 0.5 if cfg.get("use_rslora") else r)
+    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, value in load_file(str(weights)).items():
+        m = _KEY.search(key)
+        if not m:
+            raise BridgeError(f"--adapter {d}: tensor {key!r} is not a per-layer q/k/v/o/gate/up/down "
+                              f"LoRA weight; such adapters cannot be bridged")
+        layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
+        if module not in IN_SITE:
+            raise BridgeError(f"--adapter {d}: module {module} is not a standard LoRA target")
+        parts.setdefault((layer, module), {})[ab] = value.float()
+    layers = {k: (v["A"], v["B"]) for k, v in parts.items() if "A" in v and "B" in v}
+    if not layers:
+        raise BridgeError(f"--adapter {d}: no LoRA weights found")
+    return LoraWeights(layers=layers, scale=scale, config=cfg)
+
+
+def assign_layers(source_layers: list[int], mapping: dict[int, int], carry: str) -> dict[int, list[int]]:
+    """target layer -> source LoRA layers applied there.
+    'mapped': only the source layer the layer map chose for each target layer;
+    'all': every source layer, each at the target layer whose chosen source layer is nearest
+           (so no part of the LoRA is dropped when the source is deeper than the target)."""
+    out: dict[int, list[int]] = {t: [] for t in mapping}
+    if carry == "mapped":
+        for t, s in mapping.items():
+            if s in source_layers:
+                out[t].append(s)
+    elif carry == "all":
+        for s in source_layers:
+            t = min(mapping, key=lambda t: (abs(mapping[t] - s), t))
+            out[t].append(s)
+    else:
+        raise BridgeError(f"--carry {carry!r}: choose 'mapped' or 'all'")
+    return {t: sorted(v) for t, v in out.items() if v}
+
+
+class SiteBridge(nn.Module):
+    """The heads and LoRA pieces for one target module (one layer, one module type)."""
+
+    def __init__(self, enc_in: ProjectionHead, dec_out: ProjectionHead, enc_out: ProjectionHead | None,
+                 loras: list[tuple[torch.Tensor, torch.Tensor, float]]):
+        super().__init__()
+        self.enc_in, self.dec_out, self.enc_out = enc_in, dec_out, enc_out
+        self.scales = [s for _, _, s in loras]
+        for i, (a, b, _) in enumerate(loras):  # buffers: frozen, and moved with the model
+            self.register_buffer(f"A{i}", a.float())   # (r, in_s)
+            self.register_buffer(f"B{i}", b.float())   # (out_s, r)
+
+    def delta(self, x_t: torch.Tensor, y_t: torch.Tensor) -> torch.Tensor:
+        x_s = self.enc_in(x_t.float())                                     # (..., in_s)
+        d_s = sum(s * (x_s @ getattr(self, f"A{i}").T) @ getattr(self, f"B{i}").T
+                  for i, s in enumerate(self.scales))                      # (..., out_s)
+        if self.dec_out.cfg.kind == "ridge":
+            d = self.dec_out
+            return ((d_s / d.in_std) @ d.linear.weight.T * d.out_std).to(y_t.dtype)
+        y_s = self.enc_out(y_t.float())
+        return (self.dec_out(y_s + d_s) - self.dec_out(y_s)).to(y_t.dtype)
+
+    def hook(self, module, args, output):
+        return output + self.delta(args[0], output)
+
+
+def find_linear(block: nn.Module, name: str) -> nn.Linear:
+    for child_name, module in block.named_modules():
+        if child_name.split(".")[-1] == name:
+            return module
+    raise BridgeError(f"target block {type(block).__name__} has no module {name}")
+
+
+def attach(model: nn.Module, bridges: dict[tuple[int, str], SiteBridge]) -> list:
+    """Register one forward hook per bridged target module; returns the handles."""
+    _, blocks = get_layer_list(model)
+    handles = []
+    for (layer, module), bridge in sorted(bridges.items()):
+        handles.append(find_linear(blocks[layer], module).register_forward_hook(bridge.hook))
+    model._cast_bridges = nn.ModuleDict({f"L{l}_{m}": b for (l, m), b in bridges.items()})
+    return handles

@@ -1,0 +1,173 @@
+"""`cast transfer`: one self-contained bridged artifact (frozen source LoRA(s) + the heads
+they need + a manifest), and `load_bridged` to get the target model with it applied.
+
+    BRIDGED/manifest.json        models, stores, head kind, layer assignment per adapter
+    BRIDGED/adapters/<i>/        the source PEFT adapters, copied unchanged
+    BRIDGED/heads/               only the heads those adapters need, + their index.json
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from heads.headset import INDEX, HeadSet, load_heads
+from pipeline.bridge import (IN_SITE, BridgeError, SiteBridge, assign_layers, attach, out_site, read_lora)
+from pipeline.cache import commit_dir
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class TransferConfig:
+    """What `cast transfer` does; every field is a flag of the same name."""
+
+    adapter: str
+    """Source PEFT adapter directory; several, comma-separated, are composed (summed)."""
+    heads: str
+    """Head set from `cast train-heads` (its source must be the adapters' base model)."""
+    out: str
+    """Bridged artifact directory to write."""
+    kind: str = "mlp"
+    """Head kind to bridge with: mlp (default) or ridge (the linear ablation)."""
+    carry: str = "all"
+    """'all': every source LoRA layer is applied at the target layer whose mapped source layer is
+    nearest; 'mapped': only the source layer chosen for each target layer."""
+    weights: str = ""
+    """Per-adapter multipliers, comma-separated (default 1 for each)."""
+    force: bool = False
+    """Replace an existing --out."""
+
+
+def needed_heads(modules: list[str], kind: str) -> list[tuple[str, str]]:
+    """(direction, site) pairs the bridge needs for these LoRA modules."""
+    need = []
+    for m in modules:
+        need.append(("encoder", IN_SITE[m]))
+        need.append(("decoder", out_site(m)))
+        if kind == "mlp":  # a nonlinear decoder's change is taken at the encoded output
+            need.append(("encoder", out_site(m)))
+    return list(dict.fromkeys(need))
+
+
+def check_adapter(adapter: str, lw, hs: HeadSet, kind: str) -> None:
+    from pipeline.lora import read_adapter_meta
+
+    meta = read_adapter_meta(adapter)
+    if meta is not None and meta["base"]["weights_hash"] != hs.source["weights_hash"]:
+        raise BridgeError(
+            f"--adapter {adapter} was trained on {meta['base']['name']}, but --heads {hs.path} bridge from "
+            f"{hs.source['model']}; train heads whose source store was extracted from the adapter's base model")
+    if meta is None:
+        print(f"[cast] {adapter}: no cast_lora.json; checking shapes only", file=sys.stderr)
+    have = {(h["spec"]["direction"], h["spec"]["site"]) for h in hs.entries(kind=kind)}
+    missing = [f"{d} {s}" for d, s in needed_heads(lw.modules, kind) if (d, s) not in have]
+    if missing:
+        sites = sorted({m.split()[1] for m in missing})
+        raise BridgeError(
+            f"--adapter {adapter} adapts {', '.join(lw.modules)}, but --heads {hs.path} has no {kind} heads for: "
+            f"{', '.join(missing)}. Extract both stores with --sites including {','.join(sites)} and run "
+            f"`cast train-heads --sites ...` with them")
+    for (layer, module), (a, b) in lw.layers.items():
+        enc = next(h for h in hs.entries("encoder", IN_SITE[module], kind))
+        dec = next(h for h in hs.entries("decoder", out_site(module), kind))
+        ein = json.loads((hs.path / (enc["name"] + ".json")).read_text())["config"]["out_dim"]
+        din = json.loads((hs.path / (dec["name"] + ".json")).read_text())["config"]["in_dim"]
+        if a.shape[1] != ein or b.shape[0] != din:
+            raise BridgeError(
+                f"--adapter {adapter}: layer {layer} {module} maps {a.shape[1]} -> {b.shape[0]} dims, but the head "
+                f"set's source model has {ein} -> {din} there; the adapter is for another base model")
+
+
+def run_transfer(cfg: TransferConfig) -> dict:
+    hs = load_heads(cfg.heads)
+    adapters = [a.strip() for a in cfg.adapter.split(",") if a.strip()]
+    weights = [float(w) for w in cfg.weights.split(",")] if cfg.weights else [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise BridgeError(f"--weights has {len(weights)} values for {len(adapters)} adapters")
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()) and not cfg.force:
+        raise BridgeError(f"--out {out} exists and is not empty; choose another path or pass --force")
+    entries, names = [], set()
+    for i, (adapter, w) in enumerate(zip(adapters, weights)):
+        lw = read_lora(adapter)
+        check_adapter(adapter, lw, hs, cfg.kind)
+        assignment = assign_layers(lw.source_layers, hs.mapping, cfg.carry)
+        entries.append({"dir": f"adapters/{i}", "origin": str(adapter), "weight": w, "modules": lw.modules,
+                        "assignment": {str(t): s for t, s in sorted(assignment.items())}})
+        for direction, site in needed_heads(lw.modules, cfg.kind):
+            names.update(h["name"] for h in hs.entries(direction, site, cfg.kind)
+                         if h["spec"]["target_layer"] in assignment)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
+        staged = Path(tmp) / "bridged"
+        for e in entries:
+            shutil.copytree(e["origin"], staged / e["dir"])
+        for name in sorted(names):
+            for suffix in (".json", ".safetensors"):
+                dst = staged / "heads" / (name + suffix)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(hs.path / (name + suffix), dst)
+        index = {**hs.index, "heads": [h for h in hs.index["heads"] if h["name"] in names]}
+        (staged / "heads" / INDEX).write_text(json.dumps(index, indent=1))
+        manifest = {"kind": "cast-bridged", "version": 1, "source": hs.source, "target": hs.target,
+                    "head_kind": cfg.kind, "carry": cfg.carry, "layermap": hs.index["inputs"]["layermap"],
+                    "heads_origin": str(hs.path), "adapters": entries}
+        (staged / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        commit_dir(staged, out, MANIFEST)
+    return manifest
+
+
+def read_manifest(path: str | Path) -> dict:
+    f = Path(path) / MANIFEST
+    if not f.is_file():
+        raise BridgeError(f"{path} is not a bridged artifact (no {MANIFEST}); make one with `cast transfer`")
+    manifest = json.loads(f.read_text())
+    if manifest.get("kind") != "cast-bridged":
+        raise BridgeError(f"{f} is not a CAST bridged manifest")
+    return manifest
+
+
+def build_bridges(path: Path, manifest: dict, device="cpu") -> dict:
+    """(target layer, module) -> SiteBridge, composing every adapter of the artifact."""
+    hs = load_heads(path / "heads")
+    kind = manifest["head_kind"]
+    pieces: dict[tuple[int, str], list] = {}
+    for e in manifest["adapters"]:
+        lw = read_lora(path / e["dir"])
+        for t, sources in e["assignment"].items():
+            for module in lw.modules:
+                for s in sources:
+                    if (s, module) in lw.layers:
+                        a, b = lw.layers[(s, module)]
+                        pieces.setdefault((int(t), module), []).append((a, b, lw.scale * e["weight"]))
+    bridges = {}
+    for (t, module), loras in pieces.items():
+        enc_in = hs.head("encoder", t, IN_SITE[module], kind, device)
+        dec = hs.head("decoder", t, out_site(module), kind, device)
+        enc_out = hs.head("encoder", t, out_site(module), kind, device) if kind == "mlp" else None
+        bridges[(t, module)] = SiteBridge(enc_in, dec, enc_out, loras).to(device)
+    return bridges
+
+
+def load_bridged(path: str | Path, device: str | None = None, model: str | None = None):
+    """The target model with the bridge applied (a LoadedModel), ready for `generate`.
+    `model` overrides where the target is loaded from (default: its registry name)."""
+    from pipeline.models import load_model
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    lm = load_model(model or manifest["target"]["model"], device=device)
+    if lm.info.weights_hash != manifest["target"]["weights_hash"]:
+        raise BridgeError(f"{path} was built for {manifest['target']['model']} with weights "
+                          f"{manifest['target']['weights_hash'][:12]}, but the model loaded by that name has "
+                          f"{lm.info.weights_hash[:12]}")
+    bridges = build_bridges(path, manifest, lm.device)
+    attach(lm.model, bridges)
+    lm.model.eval()
+    return lm
