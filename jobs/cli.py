@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     import importlib
     import importlib.util
 
-    for extra in ("jobs.cli_lora", "jobs.cli_align", "jobs.cli_heads"):  # stages that register their own subcommands
+    for extra in ("jobs.cli_lora", "jobs.cli_align", "jobs.cli_heads", "jobs.cli_bridge", "jobs.cli_submit"):  # stages that register their own subcommands
         if importlib.util.find_spec(extra) is not None:
             importlib.import_module(extra).register(sub)
     return p

@@ -1,0 +1,72 @@
+"""`cast transfer`, `cast generate`, `cast validate`: assembling and judging the bridge."""
+from __future__ import annotations
+
+import json
+import sys
+
+from jobs.args import add_dataclass_args, to_dataclass
+
+
+def cmd_transfer(ns) -> int:
+    from pipeline.transfer import TransferConfig, run_transfer
+
+    manifest = run_transfer(to_dataclass(TransferConfig, ns))
+    print(json.dumps({"out": ns.out, "target": manifest["target"]["model"], "source": manifest["source"]["model"],
+                      "head_kind": manifest["head_kind"], "adapters": [a["origin"] for a in manifest["adapters"]]},
+                     indent=2))
+    return 0
+
+
+def cmd_generate(ns) -> int:
+    import torch
+
+    from pipeline.transfer import load_bridged
+
+    lm = load_bridged(ns.bridged, device=ns.device)
+    for prompt in ns.prompt:
+        ids = lm.tokenizer(prompt, return_tensors="pt").to(lm.device)
+        with torch.no_grad():
+            out = lm.model.generate(**ids, max_new_tokens=ns.max_new_tokens, do_sample=False,
+                                    pad_token_id=lm.tokenizer.pad_token_id)
+        print(prompt + lm.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    return 0
+
+
+def cmd_validate(ns) -> int:
+    from pipeline.validate import ValidateConfig, format_report, run_validate
+
+    report = run_validate(to_dataclass(ValidateConfig, ns), progress=not ns.quiet)
+    print(format_report(report))
+    print(f"report: {ns.out}/report.json, report.md, report.png", file=sys.stderr)
+    return 0
+
+
+def register(sub) -> None:
+    from pipeline.transfer import TransferConfig
+    from pipeline.validate import ValidateConfig
+
+    s = sub.add_parser("transfer", help="package a source LoRA + the heads it needs into a bridged artifact",
+                       description="Check that the adapter belongs to the head set's source model and that every "
+                       "module it adapts is covered by heads, then write BRIDGED/ (manifest.json, the adapter(s), "
+                       "the needed heads). Load it with pipeline.transfer.load_bridged(BRIDGED).")
+    add_dataclass_args(s, TransferConfig)
+    s.set_defaults(func=cmd_transfer)
+
+    s = sub.add_parser("generate", help="greedy completion from a bridged target model",
+                       description="Load the target model with a bridged artifact applied and print greedy "
+                       "completions of each --prompt.")
+    s.add_argument("bridged", help="artifact directory from `cast transfer`")
+    s.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
+    s.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: 32)")
+    s.add_argument("--device", default=None, help="torch device (default: CUDA when present, else CPU)")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("validate", help="score base / retrained / CAST / ridge CAST / weight-space on a task",
+                       description="Evaluate on the task's held-out test split: target base, target + a LoRA "
+                       "retrained on the target with the source adapter's recipe, target + CAST (mlp and ridge "
+                       "heads), target + weight-space transfer, and source base / source + LoRA. Writes "
+                       "report.json, report.md and report.png with recovery and CAST/retrained ratios "
+                       "(paired bootstrap 95%% intervals).")
+    add_dataclass_args(s, ValidateConfig)
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_validate)

@@ -1,0 +1,84 @@
+"""Data-free weight-space transfer baseline (LoRA-X / Cross-LoRA style SVD subspace projection).
+
+For a source update dW_s = scale * B @ A on a module with weights W_s = U_s S_s V_s^T,
+the update is expressed in the source module's singular bases, and that core re-embedded
+in the target module's singular bases of the same rank order:
+
+    C    = U_s[:, :k_out]^T  dW_s  V_s[:, :k_in]      (k_out = min of output widths, k_in of inputs)
+    dW_t = U_t[:, :k_out]  C  V_t[:, :k_in]^T
+
+i.e. the i-th singular direction of the source module is taken to correspond to the
+i-th of the target's. Source layers are placed on target layers by the same assignment
+the bridge uses; the summed update is cut back to a LoRA by truncated SVD and written as
+a plain PEFT adapter for the target. No data is used, only the two models' weights.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from pipeline.bridge import LoraWeights, assign_layers, find_linear, read_lora
+from pipeline.hooks import get_layer_list
+
+
+def project_update(d_ws: torch.Tensor, w_s: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    """(out_s, in_s) update on W_s -> (out_t, in_t) update on W_t through singular bases."""
+    k_out, k_in = min(w_s.shape[0], w_t.shape[0]), min(w_s.shape[1], w_t.shape[1])
+    # Full bases: a wide or tall module's null-space directions complete them, so the
+    # projection of a model onto itself is the identity.
+    u_s, _, vh_s = torch.linalg.svd(w_s.double(), full_matrices=True)
+    u_t, _, vh_t = torch.linalg.svd(w_t.double(), full_matrices=True)
+    core = u_s[:, :k_out].T @ d_ws.double() @ vh_s[:k_in].T
+    return (u_t[:, :k_out] @ core @ vh_t[:k_in]).float()
+
+
+def to_lora(d_w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-r factorisation B @ A of an update (scale 1)."""
+    u, s, vh = torch.linalg.svd(d_w.double(), full_matrices=False)
+    root = s[:rank].sqrt()
+    return (root[:, None] * vh[:rank]).float(), (u[:, :rank] * root).float()
+
+
+def weightspace_adapter(adapter: str | Path, source_model, target_model, mapping: dict[int, int],
+                        out: str | Path, carry: str = "all") -> dict:
+    """Write a PEFT adapter for the target transferred in weight space from `adapter`."""
+    from peft import LoraConfig, get_peft_model
+
+    lw: LoraWeights = read_lora(adapter)
+    assignment = assign_layers(lw.source_layers, mapping, carry)
+    _, src_blocks = get_layer_list(source_model)
+    _, tgt_blocks = get_layer_list(target_model)
+    rank = lw.config["r"] * max(len(v) for v in assignment.values())
+    updates = {}
+    for t, sources in assignment.items():
+        for module in lw.modules:
+            w_t = find_linear(tgt_blocks[t], module).weight.detach()
+            total = torch.zeros_like(w_t, dtype=torch.float32)
+            for s in sources:
+                if (s, module) not in lw.layers:
+                    continue
+                a, b = lw.layers[(s, module)]
+                w_s = find_linear(src_blocks[s], module).weight.detach()
+                total += project_update(lw.scale * b @ a, w_s, w_t)
+            updates[(t, module)] = to_lora(total, rank)
+    cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=lw.modules, lora_dropout=0.0, bias="none",
+                     task_type="CAUSAL_LM")
+    peft = get_peft_model(target_model, cfg)
+    with torch.no_grad():
+        for name, module in peft.named_modules():
+            if not hasattr(module, "lora_A") or "default" not in getattr(module, "lora_A", {}):
+                continue
+            parts = name.split(".")
+            layer, mod = int(parts[parts.index("layers") + 1]), parts[-1]
+            a, b = updates.get((layer, mod), (None, None))
+            module.lora_A["default"].weight.copy_(a if a is not None else torch.zeros_like(module.lora_A["default"].weight))
+            module.lora_B["default"].weight.copy_(b if b is not None else torch.zeros_like(module.lora_B["default"].weight))
+    out = Path(out)
+    peft.save_pretrained(out)
+    peft.unload()
+    info = {"method": "svd-subspace projection (index-matched singular bases)", "origin": str(adapter),
+            "rank": rank, "carry": carry, "assignment": {str(t): s for t, s in assignment.items()}}
+    (out / "weightspace.json").write_text(json.dumps(info, indent=1))
+    return info
