@@ -129,7 +129,7 @@ def test_cross_model_layermap_artifact(stores, aligned, tmp_path, capsys):
     src, tgt = storage.open_store(stores["llama"]), storage.open_store(stores["gemma"])
     from pipeline.align import load_alignment
     r_s, r_t = load_alignment(aligned["cross"]).sample(4096, seed=0, min_position=1)
-    assert np.allclose(cka_matrix(tgt, src, "resid", r_t, r_s), lm.cka.T, atol=1e-6)
+    assert np.allclose(cka_matrix(tgt, src, "resid", r_t, r_s, standardize=True), lm.cka.T, atol=1e-6)
     lm.check_stores(src, tgt)
 
 
