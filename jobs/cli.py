@@ -5,14 +5,13 @@
     cast inspect runs/gemma.zarr
     cast verify runs/gemma.zarr
     cast run                             the whole pipeline on the embedded defaults
+    cast <command> --help                what each stage does, with its defaults
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 
 from jobs.args import add_dataclass_args, to_dataclass
 
@@ -64,48 +63,11 @@ def cmd_verify(ns) -> int:
     return 0 if report.ok else 1
 
 
-@dataclass
-class RunConfig:
-    """The whole pipeline on the embedded defaults (stages land here as they exist)."""
-
-    out: str = "runs/default"
-    """Run directory: every stage's output goes under it; re-running resumes."""
-    source: str = "smollm2-135m"
-    """Source model (the LoRA's base)."""
-    target: str = "gemma3-270m"
-    """Target model (receives the transferred LoRA)."""
-    corpus: str = "nlp-corpus"
-    """Generic text corpus: built-in name or a file/directory/glob."""
-    max_tokens: int = 20_000
-    """Tokens extracted per model."""
-    sites: str = "resid,attn_in,mlp_in"
-    """Sites captured in both stores."""
-    workers: int = 1
-    """Ray extraction actors per model (0: in-process, no Ray)."""
-    address: str | None = None
-    """Ray cluster address; default: a local Ray on 127.0.0.1."""
-
-
 def cmd_run(ns) -> int:
-    from pipeline.extract import ExtractConfig, run_extract
-    from storage.check import format_summary, summary, verify
+    from pipeline.run import RunConfig, run_pipeline
 
-    cfg = to_dataclass(RunConfig, ns)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for role, model in (("source", cfg.source), ("target", cfg.target)):
-        store = out / f"{role}.zarr"
-        res = run_extract(ExtractConfig(model=model, out=str(store), corpus=cfg.corpus,
-                                        max_tokens=cfg.max_tokens, sites=cfg.sites,
-                                        workers=cfg.workers, address=cfg.address),
-                          progress=not ns.quiet)
-        print(f"[cast] {role} {model}: {res['tokens']:,} tokens, {res['extracted_tokens']:,} new, "
-              f"{res['tokens_per_s']:,.0f} tok/s", file=sys.stderr)
-        report = verify(store)
-        print("\n".join(report.lines()))
-        if not report.ok:
-            return 1
-        print(format_summary(summary(store)))
+    res = run_pipeline(to_dataclass(RunConfig, ns), progress=not ns.quiet)
+    print(json.dumps({k: res[k] for k in ("out", "seconds", "timings")}, indent=2))
     return 0
 
 
@@ -155,10 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_verify)
 
+    from pipeline.run import RunConfig
+
     s = sub.add_parser("run", help="the whole pipeline on the embedded defaults",
-                       description="Extract both default models (smollm2-135m source, gemma3-270m "
-                       "target) over the built-in corpus into RUN/source.zarr and RUN/target.zarr, "
-                       "then verify and inspect them. Resumable: re-running skips finished work.")
+                       description="Train a source LoRA per task, extract both models (smollm2-135m source, "
+                       "gemma3-270m target) over the built-in corpus, align, map layers, train heads, transfer "
+                       "and validate, ending in RUN/report.md. Resumable: re-running skips finished work.")
     add_dataclass_args(s, RunConfig)
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_run)
@@ -166,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     import importlib
     import importlib.util
 
-    for extra in ("jobs.cli_lora", "jobs.cli_align", "jobs.cli_heads", "jobs.cli_bridge", "jobs.cli_submit"):  # stages that register their own subcommands
+    for extra in ("jobs.cli_lora", "jobs.cli_align", "jobs.cli_heads", "jobs.cli_bridge", "jobs.cli_submit", "jobs.cli_bench"):  # stages that register their own subcommands
         if importlib.util.find_spec(extra) is not None:
             importlib.import_module(extra).register(sub)
     return p

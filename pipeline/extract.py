@@ -115,7 +115,6 @@ class Extractor:
 
     def __init__(self, model: str, store: str, layers: list[int], sites: list[str], dtype: str,
                  batch_tokens: int, device: str | None = None):
-        torch.set_grad_enabled(False)
         self.lm = load_model(model, device=device)
         self.store, self.layers, self.sites = Path(store), layers, sites
         self.dtype, self.batch_tokens = dtype, batch_tokens
@@ -132,6 +131,7 @@ class Extractor:
         if batch:
             yield batch
 
+    @torch.no_grad()
     def run(self, unit: Unit) -> dict:
         t0 = time.perf_counter()
         dev = self.lm.device

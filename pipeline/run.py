@@ -1,0 +1,136 @@
+"""`cast run`: the whole pipeline on the embedded defaults, resumable stage by stage.
+
+    RUN/lora/<task>/            source LoRA per task             (skipped when present)
+    RUN/source.zarr, target.zarr activation stores               (committed units skipped)
+    RUN/align, RUN/layermap     alignment and layer map          (skipped when present)
+    RUN/heads                   projection heads                 (unchanged heads skipped)
+    RUN/validate/<task>/        per-task report                  (skipped when present)
+    RUN/report.md               all tasks in one table
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.bridge import IN_SITE, out_site
+
+
+@dataclass
+class RunConfig:
+    """The whole pipeline; defaults are the embedded real pair, corpus and tasks."""
+
+    out: str = "runs/default"
+    """Run directory: every stage's output goes under it; re-running resumes."""
+    source: str = "smollm2-135m"
+    """Source model (the LoRA's base)."""
+    target: str = "gemma3-270m"
+    """Target model (receives the transferred LoRA)."""
+    corpus: str = "nlp-corpus"
+    """Generic text corpus: built-in name or a file/directory/glob."""
+    max_tokens: int = 20_000
+    """Tokens extracted per model."""
+    tasks: str = "add2,codebook,reverse"
+    """Built-in tasks: a source LoRA is trained on each, transferred and validated."""
+    targets: str = "q_proj,v_proj"
+    """Modules the LoRAs adapt (sites extracted and heads trained follow from these)."""
+    rank: int = 8
+    """LoRA rank."""
+    lora_steps: int = 200
+    """LoRA training steps (the retrained target reference uses the same recipe)."""
+    head_epochs: int = 8
+    """Maximum MLP head epochs (early stopping usually ends sooner)."""
+    head_hidden: int = 256
+    """MLP head hidden width."""
+    limit: int = 200
+    """Test examples per system and task."""
+    carry: str = "all"
+    """Source LoRA layers carried onto the target: 'all' or 'mapped'."""
+    workers: int = 1
+    """Ray extraction actors per model (0: in-process); head training uses 2 tasks."""
+    address: str | None = None
+    """Ray cluster address; default: a local Ray on 127.0.0.1."""
+
+
+def lora_sites(targets: list[str]) -> list[str]:
+    return list(dict.fromkeys([IN_SITE[t] for t in targets] + [out_site(t) for t in targets]))
+
+
+def _stage(name: str):
+    print(f"\n[cast run] === {name} ===", file=sys.stderr)
+    return time.perf_counter()
+
+
+def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict:
+    from heads.run import TrainHeadsConfig, run_train_heads
+    from pipeline.align import AlignConfig, run_align
+    from pipeline.extract import ExtractConfig, run_extract
+    from pipeline.layermap import LayermapConfig, run_layermap
+    from pipeline.lora import LoraTrainConfig, parse_targets, train_lora
+    from pipeline.validate import ValidateConfig, format_report, run_validate
+    from storage.check import verify
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
+    targets = parse_targets(cfg.targets)
+    timings, t_all = {}, time.perf_counter()
+
+    for task in tasks:
+        adapter = out / "lora" / task
+        if not (adapter / "adapter_model.safetensors").exists():
+            t0 = _stage(f"LoRA on {cfg.source}: {task}")
+            train_lora(LoraTrainConfig(model=cfg.source, out=str(adapter), task=task, targets=",".join(targets),
+                                       rank=cfg.rank, steps=cfg.lora_steps, force=True), progress=progress)
+            timings[f"lora {task}"] = time.perf_counter() - t0
+
+    sites = ",".join(dict.fromkeys(["resid", *lora_sites(targets)]))
+    stores = {}
+    for role, model in (("source", cfg.source), ("target", cfg.target)):
+        t0 = _stage(f"extract {role} {model} ({sites})")
+        stores[role] = out / f"{role}.zarr"
+        run_extract(ExtractConfig(model=model, out=str(stores[role]), corpus=cfg.corpus, sites=sites,
+                                  max_tokens=cfg.max_tokens, workers=cfg.workers, address=cfg.address),
+                    progress=progress)
+        report = verify(stores[role])
+        if not report.ok:
+            raise RuntimeError("\n".join(report.lines()))
+        timings[f"extract {role}"] = time.perf_counter() - t0
+
+    align, lmap, heads = out / "align", out / "layermap", out / "heads"
+    if not (align / "align.json").exists():
+        t0 = _stage("align")
+        run_align(AlignConfig(src_store=str(stores["source"]), tgt_store=str(stores["target"]), out=str(align)))
+        timings["align"] = time.perf_counter() - t0
+    if not (lmap / "layermap.json").exists():
+        t0 = _stage("layermap")
+        run_layermap(LayermapConfig(src_store=str(stores["source"]), tgt_store=str(stores["target"]),
+                                    align=str(align), out=str(lmap)))
+        timings["layermap"] = time.perf_counter() - t0
+    t0 = _stage("train heads")
+    run_train_heads(TrainHeadsConfig(src_store=str(stores["source"]), tgt_store=str(stores["target"]),
+                                     align=str(align), layermap=str(lmap), out=str(heads),
+                                     sites=",".join(lora_sites(targets)), epochs=cfg.head_epochs,
+                                     hidden=cfg.head_hidden, workers=2, address=cfg.address), progress=progress)
+    timings["train heads"] = time.perf_counter() - t0
+
+    reports = []
+    for task in tasks:
+        dest = out / "validate" / task
+        if (dest / "report.json").exists():
+            reports.append(json.loads((dest / "report.json").read_text()))
+            continue
+        t0 = _stage(f"validate {task}")
+        reports.append(run_validate(ValidateConfig(adapter=str(out / "lora" / task), heads=str(heads),
+                                                   out=str(dest), limit=cfg.limit, carry=cfg.carry),
+                                    progress=progress))
+        timings[f"validate {task}"] = time.perf_counter() - t0
+    summary = "\n".join(format_report(r) for r in reports)
+    (out / "report.md").write_text(f"# CAST run: {cfg.source} -> {cfg.target}\n\n{summary}")
+    result = {"out": str(out), "seconds": time.perf_counter() - t_all, "timings": timings,
+              "reports": [str(out / "validate" / t / "report.json") for t in tasks]}
+    (out / "run.json").write_text(json.dumps(result, indent=2))
+    print(summary)
+    return result
