@@ -55,11 +55,13 @@ class LayermapConfig:
     """Aligned pairs sampled for CKA; cost grows linearly, memory too."""
     seed: int = 0
     """Seed of the pair sample."""
-    min_position: int = 1
-    """Skip pairs where either token sits before this position of its model's input.
-    Position 0 is an attention sink: its residual norm is ~170x that of other tokens in
-    SmolLM2 (measured 23,681 vs 140), so those few tokens would decide the whole CKA.
-    0 keeps every pair."""
+    outlier_norm: float = 10.0
+    """Drop pairs where either token is an attention sink: its norm, at its median layer,
+    exceeds this many times the median token norm. SmolLM2's first token and some later
+    ones reach ~40-190x across layers 11-28 and would decide the whole CKA on their own;
+    a heavy tail at a single layer (Gemma-3 layer 0, up to 18x) is kept. 0 keeps all."""
+    min_position: int = 0
+    """Also skip pairs where either token sits before this position of its model's input."""
     standardize: bool = True
     """Scale every feature to unit variance before CKA (heads see standardised inputs too).
     Raw residual streams are ruled by a few outlier dimensions (measured on the real pair:
@@ -115,13 +117,17 @@ def relative_depth(src_layers: list[int], tgt_layers: list[int], n_src: int, n_t
 # ----------------------------------------------------------------------------- store side
 
 
-def gather(store: ActivationStore, layer: int, site: str, rows: np.ndarray,
-           standardize: bool = False) -> np.ndarray:
-    """The sampled rows of one (layer, site), centred, float32. Rows are sorted, so dask
-    reads each chunk at most once and keeps only the rows it needs from it."""
+def gather(store: ActivationStore, layer: int, site: str, rows: np.ndarray) -> np.ndarray:
+    """The sampled rows of one (layer, site) as float32. Rows are sorted, so dask reads
+    each chunk at most once and keeps only the rows it needs from it."""
     x = store.array(layer, site)[rows].compute()
     if not np.isfinite(x).all():
         raise StoreError(f"{store.path}: layer {layer} site {site} holds inf/nan; run `cast verify {store.path}`")
+    return x
+
+
+def prepare(x: np.ndarray, standardize: bool) -> np.ndarray:
+    """Centre (CKA needs it) and optionally scale each feature to unit variance."""
     x = centre(x)
     if standardize:
         sd = x.std(axis=0)
@@ -129,29 +135,63 @@ def gather(store: ActivationStore, layer: int, site: str, rows: np.ndarray,
     return x.astype(np.float32)
 
 
+def norm_ratio(x: np.ndarray) -> np.ndarray:
+    """Each row's norm over the median row norm of the sample."""
+    norms = np.linalg.norm(x.astype(np.float64), axis=1)
+    return norms / max(float(np.median(norms)), 1e-30)
+
+
+def sink_rows(ratios: list[np.ndarray], factor: float) -> np.ndarray:
+    """Rows whose norm ratio, taken at the median layer, exceeds `factor`: tokens that stay
+    huge through much of the model (attention sinks), not a heavy tail at one layer."""
+    if factor <= 0 or not ratios:
+        return np.zeros(len(ratios[0]) if ratios else 0, dtype=bool)
+    return np.median(np.stack(ratios, axis=1), axis=1) > factor
+
+
 def cka_matrix(src: ActivationStore, tgt: ActivationStore, site: str, src_rows: np.ndarray,
-               tgt_rows: np.ndarray, standardize: bool = False, progress: bool = False) -> np.ndarray:
-    """(n_src_layers, n_tgt_layers) linear CKA, holding one side's samples in memory."""
+               tgt_rows: np.ndarray, standardize: bool = False, outlier_norm: float = 0.0,
+               progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(n_src_layers, n_tgt_layers) linear CKA and the mask of pairs it used.
+
+    One side's samples are held in memory (the smaller one); the other is read one layer
+    at a time. With outlier_norm > 0 a pair is dropped when either token is an attention
+    sink (sink_rows); that needs the streamed side's norms first, hence one extra read.
+    """
     def volume(s):
         return len(s.layers) * s.meta["dims"][site]
+
+    def say(msg):
+        if progress:
+            print(f"[cast] layermap: {msg}", file=sys.stderr)
 
     swap = volume(src) < volume(tgt)  # hold the smaller side, stream the larger one
     held, streamed = (src, tgt) if swap else (tgt, src)
     held_rows, streamed_rows = (src_rows, tgt_rows) if swap else (tgt_rows, src_rows)
-    hs = [gather(held, layer, site, held_rows, standardize) for layer in held.layers]
+    hs = [gather(held, layer, site, held_rows) for layer in held.layers]
+    drop = np.zeros(len(held_rows), dtype=bool)
+    if outlier_norm > 0:
+        drop |= sink_rows([norm_ratio(h) for h in hs], outlier_norm)
+        drop |= sink_rows([norm_ratio(gather(streamed, layer, site, streamed_rows))
+                           for layer in streamed.layers], outlier_norm)
+        say(f"dropped {drop.sum()} of {len(drop)} pairs with an attention-sink token "
+            f"(norm > {outlier_norm:g}x the median at the median layer)")
+    keep = ~drop
+    if keep.sum() < 2:
+        raise StoreError(f"only {keep.sum()} pair(s) left after dropping outliers; raise --outlier-norm or use 0")
+    for i in range(len(hs)):  # one layer at a time: never two copies of the held side
+        hs[i] = prepare(hs[i][keep], standardize)
     h_norm = [np.linalg.norm(h.astype(np.float64).T @ h.astype(np.float64)) for h in hs]
     out = np.zeros((len(streamed.layers), len(hs)))
     for a, layer in enumerate(streamed.layers):
-        x = gather(streamed, layer, site, streamed_rows, standardize).astype(np.float64)
+        x = prepare(gather(streamed, layer, site, streamed_rows[keep]), standardize).astype(np.float64)
         x_norm = np.linalg.norm(x.T @ x)
         for b, h in enumerate(hs):
             denom = x_norm * h_norm[b]
             # A constant layer has no direction to compare; score it 0, not nan.
             out[a, b] = np.linalg.norm(h.astype(np.float64).T @ x) ** 2 / denom if denom > 0 else 0.0
-        if progress:
-            print(f"[cast] layermap: {streamed.meta['model']['name']} layer {layer} done "
-                  f"({a + 1}/{len(streamed.layers)})", file=sys.stderr)
-    return out.T if swap else out
+        say(f"{streamed.meta['model']['name']} layer {layer} done ({a + 1}/{len(streamed.layers)})")
+    return (out.T if swap else out), keep
 
 
 def _n_layers(store: ActivationStore) -> int:
@@ -201,7 +241,8 @@ def run_layermap(cfg: LayermapConfig, progress: bool = False) -> dict:
     if len(src_rows) < 2:
         raise StoreError(f"--align {cfg.align} has {len(src_rows)} pair(s) at --min-position "
                          f"{cfg.min_position} or later; CKA needs at least 2")
-    cka = cka_matrix(src, tgt, cfg.site, src_rows, tgt_rows, cfg.standardize, progress=progress)
+    cka, keep = cka_matrix(src, tgt, cfg.site, src_rows, tgt_rows, cfg.standardize, cfg.outlier_norm,
+                           progress=progress)
     chosen = monotone_assignment(cka)
     rel = relative_depth(src.layers, tgt.layers, _n_layers(src), _n_layers(tgt))
 
@@ -216,13 +257,14 @@ def run_layermap(cfg: LayermapConfig, progress: bool = False) -> dict:
     sm, tm = src.meta["model"]["name"], tgt.meta["model"]["name"]
     heatmap(out / HEATMAP_PNG, cka, src.layers, tgt.layers, chosen, rel,
             f"linear CKA{' (standardised features)' if cfg.standardize else ''}, site {cfg.site}, "
-            f"{len(src_rows):,} aligned pairs\n"
+            f"{int(keep.sum()):,} aligned pairs\n"
             f"source {sm}, target {tm}\n"
             f"total CKA: chosen {total['chosen']:.2f}, relative depth {total['relative_depth']:.2f}")
     meta = {
         "kind": LAYERMAP_KIND, "version": LAYERMAP_VERSION, "metric": "linear_cka", "site": cfg.site,
-        "standardize": cfg.standardize, "min_position": cfg.min_position,
-        "n_pairs": int(len(src_rows)), "seed": cfg.seed,
+        "standardize": cfg.standardize, "min_position": cfg.min_position, "outlier_norm": cfg.outlier_norm,
+        "n_pairs": int(keep.sum()), "n_sampled": int(len(src_rows)), "n_outliers": int((~keep).sum()),
+        "seed": cfg.seed,
         "source": {**store_identity(src), "layers": src.layers},
         "target": {**store_identity(tgt), "layers": tgt.layers},
         "alignment": {"path": str(al.path), "n_pairs": al.n_pairs, "coverage": al.coverage},
@@ -300,7 +342,7 @@ def load_layermap(path: str | Path) -> LayerMap:
 
 def format_layermap(meta: dict) -> str:
     lines = [f"site {meta['site']}{' (standardised features)' if meta.get('standardize') else ''}, "
-             f"{meta['n_pairs']:,} aligned pairs, "
+             f"{meta['n_pairs']:,} aligned pairs ({meta.get('n_outliers', 0)} outlier pairs dropped), "
              f"{meta['source']['model']} (source) -> {meta['target']['model']} (target)",
              f"{'target':>6}  {'chosen':>6} {'CKA':>6}   {'rel.depth':>9} {'CKA':>6}"]
     for c, r in zip(meta["map"], meta["relative_depth_map"]):

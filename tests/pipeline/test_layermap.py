@@ -8,7 +8,7 @@ import storage
 from jobs import cli_align
 from pipeline.align import AlignConfig, run_align
 from pipeline.layermap import (LayermapConfig, cka_matrix, linear_cka, load_layermap, monotone_assignment,
-                               relative_depth, run_layermap)
+                               norm_ratio, relative_depth, sink_rows, run_layermap)
 from storage.layout import StoreError
 from tests.pipeline.align_stores import build
 
@@ -54,6 +54,21 @@ def test_cka_invariant_to_rotation_and_isotropic_scale():
 def test_cka_of_unrelated_samples_is_small():
     rng = np.random.default_rng(2)
     assert linear_cka(rng.normal(size=(2000, 8)), rng.normal(size=(2000, 8))) < 0.05
+
+
+def test_one_sink_token_fakes_similarity_until_dropped():
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(2000, 8)), rng.normal(size=(2000, 8))
+    x[7] += 500.0  # one attention-sink-like token, huge in both models
+    y[7] -= 300.0
+    assert linear_cka(x, y) > 0.9
+    # Token 7 is huge at every "layer"; token 9 only at one: only 7 is a sink.
+    layers = [x, 1.1 * x, x.copy()]
+    layers[1][9] += 400.0
+    drop = sink_rows([norm_ratio(a) for a in layers], 10.0) | sink_rows([norm_ratio(y)], 10.0)
+    assert np.flatnonzero(drop).tolist() == [7]
+    assert linear_cka(x[~drop], y[~drop]) < 0.05
+    assert not sink_rows([norm_ratio(x)], 0).any()
 
 
 # --------------------------------------------------------------------------- assignment
@@ -104,7 +119,7 @@ def test_same_model_maps_layer_i_to_i(stores, aligned, tmp_path, standardize):
     lm = load_layermap(tmp_path / "lm")
     assert lm.mapping == {i: i for i in range(4)} == lm.relative_depth
     assert np.allclose(np.diag(lm.cka), 1.0)
-    assert lm.n_pairs == meta["n_pairs"] == 150
+    assert lm.n_pairs == meta["n_pairs"] == 150 - meta["n_outliers"]
     assert lm.pairs() == [(0, 0), (1, 1), (2, 2), (3, 3)]
 
 
@@ -128,8 +143,9 @@ def test_cross_model_layermap_artifact(stores, aligned, tmp_path, capsys):
     # The held/streamed choice must not change the matrix: recompute with roles swapped.
     src, tgt = storage.open_store(stores["llama"]), storage.open_store(stores["gemma"])
     from pipeline.align import load_alignment
-    r_s, r_t = load_alignment(aligned["cross"]).sample(4096, seed=0, min_position=1)
-    assert np.allclose(cka_matrix(tgt, src, "resid", r_t, r_s, standardize=True), lm.cka.T, atol=1e-6)
+    r_s, r_t = load_alignment(aligned["cross"]).sample(4096, seed=0)
+    swapped, keep = cka_matrix(tgt, src, "resid", r_t, r_s, standardize=True, outlier_norm=10.0)
+    assert np.allclose(swapped, lm.cka.T, atol=1e-6) and keep.sum() == lm.n_pairs
     lm.check_stores(src, tgt)
 
 
