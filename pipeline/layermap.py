@@ -11,7 +11,11 @@ baseline; a heatmap with both paths; `layermap.json` for the head-training stage
 
 Memory is bounded by the sample, not the store: the side with fewer (layers x width)
 values is held as (n, dim) float32 per layer; the other side is read one layer at a time,
-gathering the sampled rows chunk by chunk through dask.
+gathering the sampled rows chunk by chunk through dask. Products are taken in float64.
+
+By default features are standardised and pairs holding an attention-sink token are
+dropped: on SmolLM2/Gemma-3 raw CKA is otherwise decided by one outlier dimension or by
+the ~0.7% of tokens whose residual norm is 40-190x the rest (see the flags' help).
 """
 from __future__ import annotations
 
