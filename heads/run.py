@@ -58,6 +58,8 @@ class TrainHeadsConfig:
     """Fraction of segments held out for early stopping and the reported R^2."""
     max_pairs: int = 0
     """Use at most this many aligned pairs (0: all)."""
+    min_position: int = 1
+    """Skip pairs where either token sits before this position (position 0 is an attention sink)."""
     memory_budget_mb: int = 1024
     """Per head: data under this size is read once and kept; above it, streamed per epoch."""
     block_rows: int = 16384
@@ -83,7 +85,7 @@ class TrainHeadsConfig:
 
 
 OPTION_KEYS = ("hidden", "epochs", "patience", "batch_size", "lr", "weight_decay", "cosine_weight",
-               "holdout", "max_pairs", "seed")
+               "holdout", "max_pairs", "min_position", "seed")
 
 
 def plan_heads(cfg: TrainHeadsConfig) -> tuple[list[HeadSpec], dict]:

@@ -124,7 +124,10 @@ def fit_head(spec: HeadSpec, paths: dict, opts: dict) -> tuple[ProjectionHead, d
     tgt = storage.open_store(paths["tgt_store"])
     al = load_alignment(paths["align"])
     pairs = al.pairs()
-    src_rows, tgt_rows, segs = pairs["src_row"], pairs["tgt_row"], pairs["segment_id"]
+    # Position-0 tokens are attention sinks (norms up to ~190x the median in SmolLM2):
+    # a different regime from the text tokens a LoRA acts on, so they are left out.
+    keep = (pairs["src_pos"] >= opts["min_position"]) & (pairs["tgt_pos"] >= opts["min_position"])
+    src_rows, tgt_rows, segs = pairs["src_row"][keep], pairs["tgt_row"][keep], pairs["segment_id"][keep]
     if opts["max_pairs"] and len(src_rows) > opts["max_pairs"]:
         keep = np.sort(np.random.default_rng(opts["seed"]).choice(len(src_rows), opts["max_pairs"], replace=False))
         src_rows, tgt_rows, segs = src_rows[keep], tgt_rows[keep], segs[keep]
