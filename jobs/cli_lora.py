@@ -17,7 +17,7 @@ codebook, reverse, sentiment; or --task-file train.jsonl with one
 
 example:
   cast lora train --model smollm2-135m --task add2 --targets q_proj,v_proj --rank 8 \\
-      --steps 200 --out runs/lora/smollm2-add2
+      --steps 150 --out runs/lora/smollm2-add2
 """
 
 EVAL_HELP = """\

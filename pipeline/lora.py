@@ -53,11 +53,11 @@ class LoraTrainConfig:
     """LoRA alpha; the update is scaled by alpha / rank."""
     dropout: float = 0.0
     """LoRA dropout on the adapted modules' inputs."""
-    steps: int = 200
+    steps: int = 150
     """Optimiser steps."""
     batch_size: int = 16
     """Examples per step."""
-    lr: float = 1e-3
+    lr: float = 2e-3
     """Peak learning rate (AdamW; linear warmup over the first 5 percent of steps, then linear decay to a tenth)."""
     seed: int = 0
     """Seed of the LoRA initialisation and of the order examples are drawn in."""
