@@ -38,7 +38,7 @@ class RunConfig:
     """Modules the LoRAs adapt (sites extracted and heads trained follow from these)."""
     rank: int = 8
     """LoRA rank."""
-    lora_steps: int = 200
+    lora_steps: int = 150
     """LoRA training steps (the retrained target reference uses the same recipe)."""
     head_epochs: int = 8
     """Maximum MLP head epochs (early stopping usually ends sooner)."""
