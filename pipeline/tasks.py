@@ -7,7 +7,7 @@ prompt (no chat template, no few-shot) while a small LoRA learns them quickly:
     add2        "47+38="                               -> "85"
     codebook    "Decode: tor zap kiv\nDigits:"          -> "203"   (a made-up word->digit table)
     reverse     "Reverse: cat lamp red\nOutput:"       -> "red lamp cat"
-    sentiment   "Review: The soup was not good.\nSentiment:" -> "negative"
+    sentiment   "Review: The soup was not good.\nSentiment:" -> "neg"   (labels pos/neg)
 
 The split is a function of the task seed alone: test examples are drawn first, then
 training examples from what is left, so the same --task-seed gives the same test set
@@ -150,7 +150,9 @@ def _sentiment(rng: random.Random) -> Example:
     adj = rng.choice(_NEG if positive == negated else _POS)
     x = ("not " if negated else rng.choice(_INTENS)) + adj
     prompt = rng.choice(_FRAMES).format(n=rng.choice(_NOUNS), x=x) + "\nSentiment:"
-    return Example(prompt, "positive" if positive else "negative")
+    # Short labels the base models do not produce on their own ("Positive" is what an
+    # instruct model says): the base scores near 0 instead of near chance.
+    return Example(prompt, "pos" if positive else "neg")
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,7 @@ BUILTINS: dict[str, BuiltinTask] = {
                             "decode 3-4 made-up digit words (zap=0 ... wuf=9) into digits"),
     "reverse": BuiltinTask(_reverse, "lower", None, "reverse the order of 3-4 words"),
     "sentiment": BuiltinTask(_sentiment, "label", None,
-                             "label a templated review 'positive'/'negative' (with negations)"),
+                             "label a templated review 'pos'/'neg' (with negations)"),
 }
 
 

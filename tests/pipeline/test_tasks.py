@@ -43,9 +43,9 @@ def test_builtin_answers_are_right():
         assert e.answer.split() == words[::-1]
     sent = builtin_task("sentiment", n_train=10, n_test=200)
     labels = {e.answer for e in sent.test}
-    assert labels == {"positive", "negative"}
-    assert any(" not " in e.prompt and e.answer == "negative" for e in sent.test)
-    assert any(" not " in e.prompt and e.answer == "positive" for e in sent.test)
+    assert labels == {"pos", "neg"}
+    assert any(" not " in e.prompt and e.answer == "neg" for e in sent.test)
+    assert any(" not " in e.prompt and e.answer == "pos" for e in sent.test)
 
 
 def test_normalisation():
@@ -54,7 +54,7 @@ def test_normalisation():
     r = builtin_task("reverse", n_train=1, n_test=1)
     assert r.is_correct("  Red  Cat. ", "red cat") and not r.is_correct("cat red", "red cat")
     s = builtin_task("sentiment", n_train=1, n_test=1)
-    assert s.is_correct(" Positive.", "positive") and not s.is_correct("positively", "positive")
+    assert s.is_correct(" Pos.", "pos") and not s.is_correct("positive", "pos")
     u = Task("u", [], [], normalise="strip")
     assert u.is_correct(" Paris  France ", "Paris France") and not u.is_correct("paris", "Paris")
 
