@@ -271,8 +271,8 @@ def run_job(client, req: JobRequest, wait: bool = True, out=None) -> int:
         return EXIT_SUCCEEDED
     info = client.get_job_info(job_id)
     message = (info.message or "").strip()
-    print(f"cast submit: job {job_id} {status} after {seconds:.1f} s: "
-          f"{message.splitlines()[0] if message else 'no message from Ray'}", file=sys.stderr)
+    headline = message.splitlines()[0].split(", last available logs")[0] if message else "no message from Ray"
+    print(f"cast submit: job {job_id} {status} after {seconds:.1f} s: {headline}", file=sys.stderr)
     err = last_error(tail, message)
     if err:
         print(f"cast submit: the job's error: {err}", file=sys.stderr)
