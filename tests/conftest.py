@@ -38,10 +38,8 @@ def corpus_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray for the session, bound to loopback; stages reuse it."""
-    import ray
+    from pipeline.raytools import start_local_ray
 
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
-             configure_logging=False, log_to_driver=False)
+    ray = start_local_ray(num_cpus=2, log_to_driver=False)
     yield ray
     ray.shutdown()
