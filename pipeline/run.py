@@ -44,8 +44,8 @@ class RunConfig:
     """Maximum MLP head epochs (early stopping usually ends sooner)."""
     head_hidden: int = 256
     """MLP head hidden width."""
-    limit: int = 200
-    """Test examples per system and task."""
+    limit: int = 100
+    """Test examples per system and task (7 systems are decoded for each task)."""
     carry: str = "all"
     """Source LoRA layers carried onto the target: 'all' or 'mapped'."""
     workers: int = 1
