@@ -94,3 +94,11 @@ def plot_r2(index: dict, png: Path) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
+
+
+def write_summary(index: dict, out: Path) -> str:
+    """summary.md (the table) and r2_by_layer.png beside the head set; returns the table."""
+    table = format_table(index)
+    Path(out, "summary.md").write_text("Held-out R² (training seconds) per head\n\n```\n" + table + "\n```\n")
+    plot_r2(index, Path(out) / "r2_by_layer.png")
+    return table

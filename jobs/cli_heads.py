@@ -8,15 +8,13 @@ from jobs.args import add_dataclass_args, to_dataclass
 
 
 def cmd_train_heads(ns) -> int:
-    from heads.headset import format_table, plot_r2
+    from heads.headset import write_summary
     from heads.run import TrainHeadsConfig, run_train_heads
 
     cfg = to_dataclass(TrainHeadsConfig, ns)
     index = run_train_heads(cfg, progress=not ns.quiet)
-    table = format_table(index)
     out = Path(cfg.out)
-    (out / "summary.md").write_text("Held-out R² (training seconds) per head\n\n```\n" + table + "\n```\n")
-    plot_r2(index, out / "r2_by_layer.png")
+    table = write_summary(index, out)
     print(table)
     print(json.dumps({"heads": len(index["heads"]), "out": str(out), "plot": str(out / "r2_by_layer.png"),
                       "skipped": sum(1 for h in index["heads"] if h.get("skipped"))}))

@@ -64,6 +64,7 @@ def _stage(name: str):
 
 
 def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict:
+    from heads.headset import write_summary
     from heads.run import TrainHeadsConfig, run_train_heads
     from pipeline.align import AlignConfig, run_align
     from pipeline.extract import ExtractConfig, run_extract
@@ -110,10 +111,11 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict:
                                     align=str(align), out=str(lmap)))
         timings["layermap"] = time.perf_counter() - t0
     t0 = _stage("train heads")
-    run_train_heads(TrainHeadsConfig(src_store=str(stores["source"]), tgt_store=str(stores["target"]),
+    index = run_train_heads(TrainHeadsConfig(src_store=str(stores["source"]), tgt_store=str(stores["target"]),
                                      align=str(align), layermap=str(lmap), out=str(heads),
                                      sites=",".join(lora_sites(targets)), epochs=cfg.head_epochs,
                                      hidden=cfg.head_hidden, workers=2, address=cfg.address), progress=progress)
+    write_summary(index, heads)
     timings["train heads"] = time.perf_counter() - t0
 
     reports = []
