@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -109,6 +111,22 @@ def make_plan(tokenizer, segments, max_tokens: int, unit_tokens: int) -> Plan:
     return plan
 
 
+@contextmanager
+def _one_thread():
+    """Run the per-batch copies, encoding and sums on one torch thread. They are many
+    small ops; with several intra-op threads each one pays an OpenMP fork/join, which on
+    a busy machine (a descheduled thread holds the barrier) cost more than the
+    forward pass itself (see bench/, issue 8)."""
+    before = torch.get_num_threads()
+    if before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if before > 1:
+            torch.set_num_threads(before)
+
+
 class Extractor:
     """Loads the model once and turns units into committed store units.
     Used directly (workers=0) or wrapped as a Ray actor."""
@@ -119,6 +137,9 @@ class Extractor:
         self.store, self.layers, self.sites = Path(store), layers, sites
         self.dtype, self.batch_tokens = dtype, batch_tokens
         self.pad = self.lm.tokenizer.pad_token_id or 0
+        self.overlap_writes = True  # commit each unit on a writer thread while the next is forwarded
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
 
     def _batches(self, lengths: list[int]):
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # longest first: less padding
@@ -133,14 +154,33 @@ class Extractor:
 
     @torch.no_grad()
     def run(self, unit: Unit) -> dict:
+        """Forward the unit and hand it to the writer. The commit itself overlaps the next
+        unit's forward pass (one write in flight); call flush() after the last unit."""
         t0 = time.perf_counter()
         dev = self.lm.device
         lengths = [len(x) for x in unit.input_ids]
         starts = np.concatenate([[0], np.cumsum(lengths)])
         n = int(starts[-1])
-        keys = [(layer, site) for layer in self.layers for site in self.sites]
-        out = {k: None for k in keys}
-        with capture(self.lm.model, self.layers, self.sites) as got:
+        acts: dict = {}
+        stats: dict = {}
+        cur: dict = {}  # the batch in flight: where its real tokens are, where they go
+
+        def sink(key, x):
+            # Called by the hook as soon as the value exists, so the model frees it as
+            # usual. Right padding: each row's real tokens are a prefix; one gather takes
+            # them all. Many small ops: one thread (see _one_thread).
+            with _one_thread():
+                real = x.reshape(-1, x.shape[-1]).index_select(0, cur["src"]).float()
+                where = f"{self.lm.info.name} layer {key[0]} site {key[1]} (unit {unit.unit})"
+                enc = encode(real, self.dtype, where)  # checks finiteness / float16 range
+                if key not in acts:
+                    acts[key] = np.empty((n, enc.shape[1]), dtype=enc.dtype)
+                    stats[key] = np.zeros((2, enc.shape[1]), dtype=np.float64)
+                acts[key][cur["dst"]] = enc
+                r64 = real.double()
+                stats[key] += torch.stack([r64.sum(0), r64.mul_(r64).sum(0)]).cpu().numpy()
+
+        with capture(self.lm.model, self.layers, self.sites, sink=sink):
             for batch in self._batches(lengths):
                 width = max(lengths[i] for i in batch)
                 ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
@@ -148,20 +188,10 @@ class Extractor:
                 for row, i in enumerate(batch):
                     ids[row, : lengths[i]] = torch.tensor(unit.input_ids[i])
                     mask[row, : lengths[i]] = 1
-                got.clear()
+                cur["src"] = torch.from_numpy(np.concatenate(
+                    [row * width + np.arange(lengths[i]) for row, i in enumerate(batch)])).to(dev)
+                cur["dst"] = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in batch])
                 run_to_deepest(self.lm.model, ids.to(dev), mask.to(dev))
-                for k in keys:
-                    x = got[k].float()
-                    if out[k] is None:
-                        out[k] = torch.empty((n, x.shape[-1]), dtype=torch.float32)
-                    for row, i in enumerate(batch):  # right padding: real tokens are a prefix
-                        out[k][starts[i]: starts[i + 1]] = x[row, : lengths[i]].cpu()
-        acts, stats = {}, {}
-        for (layer, site), x in out.items():
-            where = f"{self.lm.info.name} layer {layer} site {site} (unit {unit.unit})"
-            acts[(layer, site)] = encode(x, self.dtype, where)
-            x64 = x.double()
-            stats[(layer, site)] = torch.stack([x64.sum(0), (x64 * x64).sum(0)]).numpy()
         tokens = {
             "token_id": np.concatenate([np.asarray(x, dtype=np.int64) for x in unit.input_ids]),
             "segment_id": np.repeat(np.asarray(unit.segment_ids, dtype=np.int64), lengths),
@@ -169,10 +199,29 @@ class Extractor:
             "char_end": np.array([o[1] for offs in unit.offsets for o in offs], dtype=np.int64),
             "position": np.concatenate([np.arange(m, dtype=np.int64) for m in lengths]),
         }
+        acts = {(layer, site): acts[(layer, site)] for layer in self.layers for site in self.sites}
         seconds = time.perf_counter() - t0
-        write_unit(self.store, unit.unit, tokens, acts, stats, self.dtype,
-                   (unit.segment_ids[0], unit.segment_ids[-1]), seconds)
+        self._commit(unit, tokens, acts, stats, seconds)
         return {"unit": unit.unit, "tokens": n, "seconds": seconds}
+
+    def _commit(self, unit: Unit, tokens, acts, stats, seconds: float) -> None:
+        """Write the unit on the writer thread once the previous write is done: at most
+        one unit waits in memory, and a failed write surfaces at the next unit at latest."""
+        self.flush()
+        if not self.overlap_writes:
+            write_unit(self.store, unit.unit, tokens, acts, stats, self.dtype,
+                       (unit.segment_ids[0], unit.segment_ids[-1]), seconds)
+            return
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="cast-write")
+        self._pending = self._writer.submit(write_unit, self.store, unit.unit, tokens, acts, stats, self.dtype,
+                                            (unit.segment_ids[0], unit.segment_ids[-1]), seconds)
+
+    def flush(self) -> None:
+        """Wait until every unit handed to run() is committed (re-raises a failed write)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
 
 def store_meta(cfg: ExtractConfig, info: dict, corpus, plan: Plan, layers, sites, dims) -> dict:
@@ -278,6 +327,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> dict:
         worker = Extractor(*args)
         for unit in pending:
             bar.update(worker.run(unit)["tokens"])
+        worker.flush()
     else:
         from pipeline.raytools import ray_session
 
@@ -290,6 +340,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> dict:
             pool = ActorPool(actors)
             for res in pool.map_unordered(lambda a, u: a.run.remote(u), pending):
                 bar.update(res["tokens"])
+            ray.get([a.flush.remote() for a in actors])
     bar.close()
     seconds = time.perf_counter() - t0
     return {"store": cfg.out, "units": len(plan.units), "skipped": len(done), "tokens": total,

@@ -98,15 +98,22 @@ def parse_layers(spec: str | list[int], num_layers: int) -> list[int]:
 
 
 @contextmanager
-def capture(model: nn.Module, layers: list[int], sites: list[str]):
+def capture(model: nn.Module, layers: list[int], sites: list[str], sink=None):
     """Register hooks; yields a dict filled with (layer, site) -> tensor on each forward.
-    The deepest layer's hook raises StopForward once its sites are captured."""
+    The deepest layer's hook raises StopForward once its sites are captured.
+
+    With `sink`, each value is handed to sink(key, tensor) as soon as it is computed and
+    not kept: the model frees it as usual (no batch-sized retention, no fresh pages for
+    every capture), and the dict stays empty."""
     _, blocks = get_layer_list(model)
     out: dict[tuple[int, str], torch.Tensor] = {}
     handles = []
 
     def keep(key, value):
-        out[key] = value.detach()
+        if sink is not None:
+            sink(key, value.detach())
+        else:
+            out[key] = value.detach()
 
     def first_input(args, kwargs):
         return args[0] if args else kwargs["hidden_states"]

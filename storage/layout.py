@@ -57,7 +57,9 @@ def encode(x: torch.Tensor, dtype: str, where: str) -> np.ndarray:
     Never lets a value that does not fit become inf/nan: non-finite input or a float16
     overflow is an error naming the site, not a silently corrupted store.
     """
-    if not torch.isfinite(x).all():
+    # A float64 sum is finite exactly when every value is (inf and nan propagate; float32
+    # values cannot overflow it): one reduction instead of a per-value mask (issue 8).
+    if not torch.isfinite(x.sum(dtype=torch.float64)) and not torch.isfinite(x).all():
         bad = (~torch.isfinite(x)).sum().item()
         raise StoreError(f"{where}: the model produced {bad} non-finite values (inf/nan); refusing to store them")
     if dtype == "float32":
