@@ -1,0 +1,1 @@
+"""Benchmarks of the pipeline against its naive alternatives (`cast bench`, DESIGN §9)."""

@@ -1,0 +1,32 @@
+"""`cast bench` end to end on the tiny presets: every ratio lands in the JSON as a
+positive finite number (timings themselves are not asserted: CI machines are noisy)."""
+from __future__ import annotations
+
+import json
+import math
+
+from jobs.cli import main
+
+RATIOS = ("a_extract_vs_forward", "a_extract_vs_backbone", "b_extract_vs_naive", "c_store_vs_recompute",
+          "c_store_kept_vs_recompute", "d_extract_peak_4n_over_n", "d_process_peak_4n_over_n",
+          "e_store_vs_raw", "e_store_vs_float32")
+
+
+def test_bench_reports_every_ratio(tmp_path, corpus_dir, capsys):
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--model", "tiny-llama", "--corpus", str(corpus_dir), "--tokens", "240",
+               "--unit-tokens", "100", "--max-chars", "160", "--reps", "2", "--workdir", str(tmp_path / "work"),
+               "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    for name in RATIOS:
+        value = res["ratios"][name]
+        assert isinstance(value, float) and math.isfinite(value) and value > 0, (name, value)
+    assert set(res["met"]) == set(res["ratios"])
+    assert res["c"]["partner"] == "tiny-gemma3" and res["c"]["pairs"] > 0
+    assert res["d"]["units_4n"] > res["d"]["units_n"] >= 2
+    for method in ("extract", "forward", "backbone", "naive", "head_epoch_recompute", "head_epoch_store_streamed"):
+        assert len(res["times"][method]) == 2 and all(t > 0 for t in res["times"][method])
+    assert (tmp_path / "bench.md").read_text().startswith("### cast bench: tiny-llama")
+    assert "| a_extract_vs_forward |" in capsys.readouterr().out
+    assert not any((tmp_path / "work").iterdir())  # scratch stores and dumps cleaned up
