@@ -559,6 +559,7 @@ def format_table(r: dict) -> str:
 def run_bench(cfg: BenchConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    grad_before = torch.is_grad_enabled()  # restored below: callers (and tests) share the process
     torch.set_grad_enabled(False)
     work = Path(cfg.workdir) if cfg.workdir else Path(tempfile.mkdtemp(prefix="cast-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -658,6 +659,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         result["met"] = {k: _met(k, v) for k, v in ratios.items()}
         result["machine"]["loadavg_end"] = os.getloadavg()[0]
     finally:
+        torch.set_grad_enabled(grad_before)
         if not cfg.keep and not cfg.workdir:
             shutil.rmtree(work, ignore_errors=True)
         elif not cfg.keep:
