@@ -13,7 +13,7 @@ from pathlib import Path
 import storage
 from heads.modules import KINDS, artifact_paths
 from heads.train import HeadSpec, fit_head
-from pipeline.align import load_alignment, store_identity
+from pipeline.align import IDENTITY_FIELDS, load_alignment, store_identity
 from pipeline.cache import sha256_bytes
 from pipeline.layermap import load_layermap
 
@@ -107,13 +107,19 @@ def plan_heads(cfg: TrainHeadsConfig) -> tuple[list[HeadSpec], dict]:
              for t_layer, s_layer in sorted(lm.mapping.items())
              for site in sites for d in cfg.directions.split(",") for kind in cfg.kinds.split(",")]
     inputs = {"source": store_identity(src), "target": store_identity(tgt),
-              "alignment": sha256_bytes((Path(cfg.align) / "align.json").read_bytes()),
+              "alignment": {k: al.meta[k] for k in ("n_pairs", "coverage")},
               "layermap": {str(k): v for k, v in sorted(lm.mapping.items())}}
     return specs, inputs
 
 
 def head_hash(spec: HeadSpec, inputs: dict, opts: dict) -> str:
-    return sha256_bytes(json.dumps({"spec": asdict(spec), "inputs": inputs, "opts": opts}, sort_keys=True))
+    """What a head depends on: the stores' content identity (models, corpus, segmentation,
+    tokens), the alignment, the layer pair, the options. Not where the files live: a moved
+    or remounted store must not retrain every head."""
+    content = {role: {k: v for k, v in inputs[role].items() if k in IDENTITY_FIELDS}
+               for role in ("source", "target")}
+    return sha256_bytes(json.dumps({"spec": asdict(spec), "inputs": {**inputs, **content}, "opts": opts},
+                                   sort_keys=True))
 
 
 def train_and_save(spec: HeadSpec, paths: dict, opts: dict, digest: str, out: str) -> dict:

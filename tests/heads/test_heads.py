@@ -75,6 +75,15 @@ def test_rerun_skips_and_changed_config_retrains(linear_set, tmp_path):
     again = run_train_heads(TrainHeadsConfig(**cfg), progress=False)
     assert all(h.get("skipped") for h in again["heads"]) and len(again["heads"]) == len(first["heads"]) == 2
     assert files == {p: p.stat().st_mtime_ns for p in (tmp_path / "h").rglob("*.safetensors")}
+    # The same stores at another path (moved, remounted) are the same inputs.
+    import shutil
+
+    root = Path(linear_set["src_store"]).parent
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved)
+    at_new_path = {k: str(moved / Path(v).name) for k, v in linear_set.items()}
+    again = run_train_heads(TrainHeadsConfig(**{**cfg, **at_new_path}), progress=False)
+    assert all(h.get("skipped") for h in again["heads"])
     changed = run_train_heads(TrainHeadsConfig(**{**cfg, "holdout": 0.2}), progress=False)
     assert not any(h.get("skipped") for h in changed["heads"])
 
