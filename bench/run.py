@@ -6,7 +6,7 @@ units, the same length-sorted padded batches) feeds every method, the methods ru
 interleaved (A, B, C, A, B, C, ...) `--reps` times, and the table reports medians, so a
 noisy shared CPU shifts all methods alike instead of whichever happened to run last.
 
-    python -m bench.run --model smollm2-135m --tokens 2048
+    python -m bench.run --model smollm2-135m --tokens 8192
     cast bench --model gemma3-270m --reps 5 --json runs/bench/gemma.json
 
 (a) extract / bare forward    Extractor.run (hooks, stop after the deepest hooked layer,
@@ -56,12 +56,12 @@ class BenchConfig:
     (tiny-llama <-> tiny-gemma3), else the model itself."""
     corpus: str = "nlp-corpus"
     """Built-in corpus name, or a file/directory/glob of .txt/.jsonl/.parquet."""
-    tokens: int = 2048
+    tokens: int = 8192
     """N: tokens in the plan every method runs over (whole segments, as `cast extract`)."""
-    unit_tokens: int = 1024
-    """Tokens per unit (commit grain). `cast extract` uses 4096: each unit has a fixed
-    write cost (~190 zarr arrays) and the last unit's write cannot overlap a forward pass,
-    so small N and small units understate extraction. (d) wants N >= 2 units."""
+    unit_tokens: int = 4096
+    """Tokens per unit (commit grain), `cast extract`'s default. Each unit has a fixed write
+    cost (~190 zarr arrays, ~0.7 s on one core) and the last unit's write cannot overlap
+    a forward pass, so small N or small units understate extraction."""
     batch_tokens: int = 4096
     """Padded tokens per forward pass, for every method alike."""
     max_chars: int = 512
@@ -90,8 +90,11 @@ class BenchConfig:
     head_threads: int = 1
     """(c): torch threads for both paths of the head epoch; 1 is how `cast train-heads`
     runs each head (one Ray task, one thread); 0 keeps torch's default."""
-    mem_tokens: int = 0
-    """(d): N for the memory runs (4N is the other); 0 means --tokens."""
+    mem_tokens: int = 2048
+    """(d): N for the memory runs (4N is the other)."""
+    mem_unit_tokens: int = 1024
+    """(d): unit size of the memory runs. Memory is bounded by the unit (at most two in
+    memory: one being filled, one being written), so N should span >= 2 units."""
     threads: int = 0
     """torch threads (0: torch's default, one per core)."""
     workdir: str | None = None
@@ -107,7 +110,7 @@ class BenchConfig:
             raise ValueError(f"--parts: unknown {bad}; choose from {','.join(PARTS)}")
         if "e" in self.part_set and "a" not in self.part_set:
             raise ValueError("--parts: e (bytes per token) measures the store made by a; add a")
-        for name in ("tokens", "unit_tokens", "batch_tokens", "reps"):
+        for name in ("tokens", "unit_tokens", "batch_tokens", "reps", "mem_tokens", "mem_unit_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.naive_dtype not in ("float32", "float16"):
@@ -468,7 +471,7 @@ class HeadEpoch:
 def peak_rss(cfg: BenchConfig, work: Path, tokens: int | None) -> dict:
     """Peak RSS of a fresh `cast extract --workers 0` process (tokens None: load the model only)."""
     job = {"model": cfg.model, "corpus": cfg.corpus, "sites": cfg.sites, "layers": cfg.layers, "dtype": cfg.dtype,
-           "max_chars": cfg.max_chars, "unit_tokens": cfg.unit_tokens, "batch_tokens": cfg.batch_tokens,
+           "max_chars": cfg.max_chars, "unit_tokens": cfg.mem_unit_tokens, "batch_tokens": cfg.batch_tokens,
            "tokens": tokens, "out": str(work / f"mem-{tokens}.zarr"), "threads": cfg.threads}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                          os.environ.get("PYTHONPATH", "")])}
@@ -542,7 +545,7 @@ def format_table(r: dict) -> str:
     if "d" in r:
         d = r["d"]
         sm, bg = d["small"], d["big"]
-        lines += [f"(d) peak RSS (MiB), fresh process each, unit {c['unit_tokens']} tokens: model load alone "
+        lines += [f"(d) peak RSS (MiB), fresh process each, unit {c['mem_unit_tokens']} tokens: model load alone "
                   f"{d['load_only_mb']:,.0f}; N={d['tokens_n']:,} tokens ({d['units_n']} units): after load "
                   f"{sm['after_load_mb']:,.0f}, extraction peak {sm['extract_peak_mb'] or float('nan'):,.0f}, "
                   f"process peak {sm['peak_rss_mb']:,.0f}; 4N={d['tokens_4n']:,} ({d['units_4n']} units): after load "
@@ -644,7 +647,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         result["paired_median_ratios"] = paired
         del m, hc
         if "d" in parts:
-            n = cfg.mem_tokens or cfg.tokens
+            n = cfg.mem_tokens
             _log(f"(d) peak RSS: model only, then extraction of {n:,} and {4 * n:,} tokens, fresh processes")
             base = peak_rss(cfg, work, None)
             small = peak_rss(cfg, work, n)

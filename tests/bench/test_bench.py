@@ -15,7 +15,8 @@ RATIOS = ("a_extract_vs_forward", "a_extract_vs_backbone", "b_extract_vs_naive",
 def test_bench_reports_every_ratio(tmp_path, corpus_dir, capsys):
     out = tmp_path / "bench.json"
     rc = main(["bench", "--model", "tiny-llama", "--corpus", str(corpus_dir), "--tokens", "240",
-               "--unit-tokens", "100", "--max-chars", "160", "--reps", "2", "--workdir", str(tmp_path / "work"),
+               "--unit-tokens", "100", "--mem-tokens", "240", "--mem-unit-tokens", "100",
+               "--max-chars", "160", "--reps", "2", "--workdir", str(tmp_path / "work"),
                "--json", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
