@@ -171,14 +171,17 @@ class Extractor:
             # them all. Many small ops: one thread (see _one_thread).
             with _one_thread():
                 real = x.reshape(-1, x.shape[-1]).index_select(0, cur["src"]).float()
+                r64 = real.double()
+                sums = torch.stack([r64.sum(0), r64.mul_(r64).sum(0)]).cpu().numpy()
                 where = f"{self.lm.info.name} layer {key[0]} site {key[1]} (unit {unit.unit})"
-                enc = encode(real, self.dtype, where)  # checks finiteness / float16 range
+                # float64 sums of float32 values are finite iff every value is: they spare
+                # encode its own finiteness pass; otherwise encode finds and names the bad values
+                enc = encode(real, self.dtype, where, finite=bool(np.isfinite(sums).all()))
                 if key not in acts:
                     acts[key] = np.empty((n, enc.shape[1]), dtype=enc.dtype)
                     stats[key] = np.zeros((2, enc.shape[1]), dtype=np.float64)
                 acts[key][cur["dst"]] = enc
-                r64 = real.double()
-                stats[key] += torch.stack([r64.sum(0), r64.mul_(r64).sum(0)]).cpu().numpy()
+                stats[key] += sums
 
         with capture(self.lm.model, self.layers, self.sites, sink=sink):
             for batch in self._batches(lengths):

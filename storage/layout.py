@@ -6,7 +6,8 @@
       units/u000042/            one zarr group per committed unit, written whole:
         meta/{token_id,segment_id,char_start,char_end,position}   (tokens,)
         act/L07/resid           (tokens, dim), chunked on tokens, one shard
-        stats/L07/resid         (2, dim) float64: per-unit sum and sum of squares
+        stats/resid             (layers, 2, dim) float64: per-unit sum and sum of squares,
+                                rows in the order of the store's layers
       units/.tmp-u000042-*/     a unit being written (never read)
       manifest/u000042.parquet  one row per committed unit: the commit point
 
@@ -19,7 +20,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
+# 2: one stats array per site (format 1 had one per layer and site, and ~4 ms of zarr
+# overhead each per unit, issue 8).
+FORMAT_VERSION = 2
 META_KEY = "cast"
 UNITS = "units"
 MANIFEST = "manifest"
@@ -47,19 +50,20 @@ def act_path(layer: int, site: str) -> str:
     return f"act/{layer_key(layer)}/{site}"
 
 
-def stats_path(layer: int, site: str) -> str:
-    return f"stats/{layer_key(layer)}/{site}"
+def stats_path(site: str) -> str:
+    return f"stats/{site}"
 
 
-def encode(x: torch.Tensor, dtype: str, where: str) -> np.ndarray:
+def encode(x: torch.Tensor, dtype: str, where: str, finite: bool = False) -> np.ndarray:
     """float32 activations -> the numpy array written to disk.
 
     Never lets a value that does not fit become inf/nan: non-finite input or a float16
-    overflow is an error naming the site, not a silently corrupted store.
+    overflow is an error naming the site, not a silently corrupted store. `finite=True`:
+    the caller has already proven every value finite (extraction's float64 sums do).
     """
     # A float64 sum is finite exactly when every value is (inf and nan propagate; float32
     # values cannot overflow it): one reduction instead of a per-value mask (issue 8).
-    if not torch.isfinite(x.sum(dtype=torch.float64)) and not torch.isfinite(x).all():
+    if not finite and not torch.isfinite(x.sum(dtype=torch.float64)) and not torch.isfinite(x).all():
         bad = (~torch.isfinite(x)).sum().item()
         raise StoreError(f"{where}: the model produced {bad} non-finite values (inf/nan); refusing to store them")
     if dtype == "float32":

@@ -17,7 +17,7 @@ import numpy as np
 import zarr
 
 from storage.layout import (
-    META_KEY, TOKEN_FIELDS, UNITS, StoreError, act_path, decode, stats_path, unit_name,
+    FORMAT_VERSION, META_KEY, TOKEN_FIELDS, UNITS, StoreError, act_path, decode, stats_path, unit_name,
 )
 from storage.writer import read_manifest
 
@@ -101,7 +101,8 @@ class ActivationStore:
     def stats(self, layer: int, site: str) -> tuple[np.ndarray, np.ndarray]:
         """Mean and variance per dimension, merged from per-unit float64 sums."""
         self._check(layer, site)
-        total = sum(np.asarray(self._group(u)[stats_path(layer, site)][:]) for u in self.units)
+        row = sorted(self.layers).index(layer)  # the writer's row order
+        total = sum(np.asarray(self._group(u)[stats_path(site)][row]) for u in self.units)
         n = self.n_tokens
         mean = total[0] / n
         var = np.maximum(total[1] / n - mean**2, 0.0)
@@ -121,6 +122,9 @@ def open_store(path: str | Path, expect: dict | None = None) -> ActivationStore:
     meta = root.get("attributes", {}).get(META_KEY)
     if not meta:
         raise StoreError(f"{path} is a zarr group but not a CAST store (no '{META_KEY}' attributes)")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise StoreError(f"{path} was written in store format {meta.get('format_version')}; this CAST reads "
+                         f"format {FORMAT_VERSION}. Re-extract it with `cast extract` into a new --out")
     store = ActivationStore(path=path, meta=meta)
     if expect:
         check_expectations(store, expect)

@@ -83,7 +83,8 @@ def write_unit(
     """Write one unit whole into a temp group, rename it into place, then commit its row.
 
     tokens: field -> (n,) int arrays; acts: (layer, site) -> (n, dim) stored-dtype arrays;
-    stats: (layer, site) -> (2, dim) float64 [sum, sum of squares] over the unit's tokens.
+    stats: (layer, site) -> (2, dim) float64 [sum, sum of squares] over the unit's tokens,
+    written as one (layers, 2, dim) array per site, layers ascending.
     """
     path = Path(path)
     name = unit_name(unit)
@@ -109,9 +110,15 @@ def write_unit(
                            # activations are never all fill value: skip zarr's per-chunk
                            # "is it empty?" scan (~15% of the write's CPU, issue 8)
                            config={"write_empty_chunks": True})
-        group.create_array(stats_path(layer, site), data=stats[(layer, site)].astype(np.float64))
         hashes[act_path(layer, site)] = array_hash(arr)
         nbytes += arr.nbytes
+    for site in dict.fromkeys(site for _, site in acts):
+        layers = sorted(layer for layer, s in acts if s == site)
+        if layers != sorted({layer for layer, _ in acts}):
+            raise StoreError(f"unit {unit}: site {site} has layers {layers}, other sites have "
+                             f"{sorted({layer for layer, _ in acts})}; every site needs every layer")
+        rows = np.stack([stats[(layer, site)] for layer in layers]).astype(np.float64)
+        group.create_array(stats_path(site), data=rows)
     final = path / UNITS / name
     if final.exists():  # an uncommitted leftover of a killed attempt at this unit
         shutil.rmtree(final)

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.align import AlignConfig, run_align
 from pipeline.layermap import LayermapConfig, run_layermap
-from storage.layout import encode
+from storage.layout import FORMAT_VERSION, encode
 from storage.writer import create_store, write_unit
 
 SITES = ["resid", "attn_in"]
@@ -18,7 +18,7 @@ SITES = ["resid", "attn_in"]
 
 def _meta(name: str, dim: int, plan) -> dict:
     return {
-        "format_version": 1, "code_version": "test",
+        "format_version": FORMAT_VERSION, "code_version": "test",
         "model": {"name": name, "weights_hash": f"w-{name}", "tokenizer_hash": "shared-tok"},
         "corpus": {"name": "synthetic", "hash": "c0", "source": {}, "max_chars": 100, "segmentation_hash": "s0"},
         "sites": SITES, "layers": [0], "dims": {s: dim for s in SITES}, "dtype": "float32",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -95,6 +96,26 @@ def test_open_store_refuses_mismatched_expectations(small_store, tmp_path):
         storage.open_store(tmp_path)
     with pytest.raises(StoreError, match="site 'mlp_in' not stored"):
         storage.open_store(small_store).array(0, "mlp_in")
+
+
+def test_a_store_of_another_format_is_refused_with_what_to_do(small_store, tmp_path):
+    old = tmp_path / "old.zarr"
+    shutil.copytree(small_store, old)
+    root = json.loads((old / "zarr.json").read_text())
+    root["attributes"]["cast"]["format_version"] = 1
+    (old / "zarr.json").write_text(json.dumps(root))
+    with pytest.raises(StoreError, match=r"store format 1; this CAST reads format 2\. Re-extract"):
+        storage.open_store(old)
+
+
+def test_stats_rows_follow_layers_for_every_site(small_store):
+    store = storage.open_store(small_store)
+    for site in store.sites:
+        for layer in store.layers:
+            x = store.array(layer, site).compute().astype(np.float64)
+            mean, var = store.stats(layer, site)
+            np.testing.assert_allclose(mean, x.mean(0), rtol=1e-2, atol=1e-2)  # stats are of the
+            np.testing.assert_allclose(var, x.var(0), rtol=2e-2, atol=1e-2)    # float32 values, x is bf16
 
 
 def test_verify_finds_corruption_and_missing_units(small_store, tmp_path):
