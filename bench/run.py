@@ -13,6 +13,7 @@ noisy shared CPU shifts all methods alike instead of whichever happened to run l
                               bf16 encode, stats, zarr write, commit) vs the model's plain
                               forward over the same batches: with the LM head (`forward`,
                               what a user runs) and without it (`backbone`, the stricter one).
+                              `hooks` and `extract_no_write` split the gap into its layers.
 (b) extract / naive dump      full forward with output_hidden_states=True for resid and
                               plain pre-hooks for attn_in/mlp_in, np.save of every site's
                               real-token values per batch (float32 by default).
@@ -78,6 +79,10 @@ class BenchConfig:
     """Interleaved repetitions of every timed method; medians are reported."""
     parts: str = "a,b,c,d,e"
     """Which measurements to run (a,b share their timed runs; e needs a)."""
+    breakdown: bool = True
+    """(a): also time extraction in layers, to show where its cost over the backbone goes:
+    `hooks` (every hook fires, values discarded) and `extract_no_write` (hooks, gather, bf16
+    encode, stats; the unit is dropped instead of written)."""
     ray: bool = False
     """Also time the Ray path: one extraction actor (model loaded once) fed the same units."""
     head_site: str = "attn_in"
@@ -199,6 +204,27 @@ class Methods:
             shutil.rmtree(self.store_path, ignore_errors=True)
         self.store_path = path
         return dt
+
+    def hooks(self, rep: int) -> float:
+        from pipeline.hooks import capture, run_to_deepest
+
+        model = self.lm.model
+        t0 = time.perf_counter()
+        with capture(model, self.layers, self.sites, sink=lambda key, x: None):
+            for ids, mask, _ in self.batches:
+                run_to_deepest(model, ids, mask)
+        return time.perf_counter() - t0
+
+    def extract_no_write(self, rep: int) -> float:
+        self.worker.write = lambda *args: None
+        try:
+            t0 = time.perf_counter()
+            for unit in self.plan.units:
+                self.worker.run(unit)
+            self.worker.flush()
+            return time.perf_counter() - t0
+        finally:
+            del self.worker.write  # back to the class's write_unit
 
     def forward(self, rep: int) -> float:
         model = self.lm.model
@@ -533,6 +559,12 @@ def format_table(r: dict) -> str:
         met = r["met"].get(name)
         lines.append(f"| {name} | {value:.3f} | {t[0] + ' ' + str(t[1]) if t else '—'} | "
                      f"{'—' if met is None else ('yes' if met else '**NO**')} | {what.get(name, '')} |")
+    if "hooks" in med and "extract_no_write" in med:
+        b, h, nw, e = med["backbone"], med["hooks"], med["extract_no_write"], med["extract"]
+        lines += ["", f"(a) where extraction's time goes (median wall s, share of the backbone's): backbone {b:.2f}; "
+                      f"hooks firing {h - b:+.2f} ({(h - b) / b:+.1%}); gather, bf16 encode and stats "
+                      f"{nw - h:+.2f} ({(nw - h) / b:+.1%}); the unit write (zarr, zstd, sha256) {e - nw:+.2f} "
+                      f"({(e - nw) / b:+.1%}); extract {e:.2f}."]
     if "extract_ray" in r.get("times", {}):
         lines += ["", "extract_ray: one Ray actor (model loaded once) fed the same units; its CPU column is the "
                       "driver's only."]
@@ -580,6 +612,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         methods = {"extract": m.extract}
         if "a" in parts:
             methods.update(forward=m.forward, backbone=m.backbone)
+            if cfg.breakdown:
+                methods.update(hooks=m.hooks, extract_no_write=m.extract_no_write)
         if "b" in parts:
             methods["naive"] = m.naive
         if cfg.ray:

@@ -207,17 +207,19 @@ class Extractor:
         self._commit(unit, tokens, acts, stats, seconds)
         return {"unit": unit.unit, "tokens": n, "seconds": seconds}
 
+    write = staticmethod(write_unit)  # an instance may swap it (bench times extraction without it)
+
     def _commit(self, unit: Unit, tokens, acts, stats, seconds: float) -> None:
         """Write the unit on the writer thread once the previous write is done: at most
         one unit waits in memory, and a failed write surfaces at the next unit at latest."""
         self.flush()
         if not self.overlap_writes:
-            write_unit(self.store, unit.unit, tokens, acts, stats, self.dtype,
+            self.write(self.store, unit.unit, tokens, acts, stats, self.dtype,
                        (unit.segment_ids[0], unit.segment_ids[-1]), seconds)
             return
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="cast-write")
-        self._pending = self._writer.submit(write_unit, self.store, unit.unit, tokens, acts, stats, self.dtype,
+        self._pending = self._writer.submit(self.write, self.store, unit.unit, tokens, acts, stats, self.dtype,
                                             (unit.segment_ids[0], unit.segment_ids[-1]), seconds)
 
     def flush(self) -> None:

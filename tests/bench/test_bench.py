@@ -26,8 +26,10 @@ def test_bench_reports_every_ratio(tmp_path, corpus_dir, capsys):
     assert set(res["met"]) == set(res["ratios"])
     assert res["c"]["partner"] == "tiny-gemma3" and res["c"]["pairs"] > 0
     assert res["d"]["units_4n"] > res["d"]["units_n"] >= 2
-    for method in ("extract", "forward", "backbone", "naive", "head_epoch_recompute", "head_epoch_store_streamed"):
+    for method in ("extract", "forward", "backbone", "hooks", "extract_no_write", "naive", "head_epoch_recompute",
+                   "head_epoch_store_streamed"):
         assert len(res["times"][method]) == 2 and all(t > 0 for t in res["times"][method])
     assert (tmp_path / "bench.md").read_text().startswith("### cast bench: tiny-llama")
-    assert "| a_extract_vs_forward |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| a_extract_vs_forward |" in printed and "(a) where extraction's time goes" in printed
     assert not any((tmp_path / "work").iterdir())  # scratch stores and dumps cleaned up
