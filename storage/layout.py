@@ -7,7 +7,7 @@
         meta/{token_id,segment_id,char_start,char_end,position}   (tokens,)
         act/L07/resid           (tokens, dim), chunked on tokens, one shard
         stats/resid             (layers, 2, dim) float64: per-unit sum and sum of squares,
-                                rows in the order of the store's layers
+                                one row per stored layer, ascending
       units/.tmp-u000042-*/     a unit being written (never read)
       manifest/u000042.parquet  one row per committed unit: the commit point
 
