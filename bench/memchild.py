@@ -47,10 +47,10 @@ def main(job: dict) -> dict:
 
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
-    from pipeline.extract import ExtractConfig, Extractor, open_or_create, prepare
+    from pipeline.cache.extract import ExtractConfig, Extractor, open_or_create, prepare
 
     if job["tokens"] is None:
-        from pipeline.models import load_model
+        from pipeline.cache.models import load_model
 
         load_model(job["model"])
         return {"peak_rss_mb": _maxrss_mb(), "load_peak_mb": _maxrss_mb(), "after_load_mb": _status_mb("VmRSS"),

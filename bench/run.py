@@ -164,7 +164,7 @@ class Methods:
     """The timed methods of (a) and (b), sharing one loaded model and one plan."""
 
     def __init__(self, cfg: BenchConfig, work: Path):
-        from pipeline.extract import ExtractConfig, Extractor, prepare
+        from pipeline.cache.extract import ExtractConfig, Extractor, prepare
 
         self.cfg, self.work = cfg, work
         self.ecfg = ExtractConfig(model=cfg.model, out=str(work / "store.zarr"), corpus=cfg.corpus,
@@ -206,7 +206,7 @@ class Methods:
         return dt
 
     def hooks(self, rep: int) -> float:
-        from pipeline.hooks import capture, run_to_deepest
+        from pipeline.cache.hooks import capture, run_to_deepest
 
         model = self.lm.model
         t0 = time.perf_counter()
@@ -241,7 +241,7 @@ class Methods:
         return time.perf_counter() - t0
 
     def naive(self, rep: int) -> float:
-        from pipeline.hooks import _ATTN_NAMES, _MLP_NAMES, _child, get_layer_list
+        from pipeline.cache.hooks import _ATTN_NAMES, _MLP_NAMES, _child, get_layer_list
 
         model = self.lm.model
         out = self.work / f"naive-{rep}"
@@ -297,7 +297,7 @@ class Methods:
 
     def _ensure_ray(self):
         if self._ray_actor is None:
-            from pipeline.extract import _RayExtractor
+            from pipeline.cache.extract import _RayExtractor
             from pipeline.raytools import ray_session
 
             self._ray_cm = ray_session(None)
@@ -344,8 +344,8 @@ def time_interleaved(methods: dict, reps: int, cpu: dict | None = None) -> dict[
 def _recompute_site(lm, plan, layer: int, site: str, batch_tokens: int) -> np.ndarray:
     """(tokens, dim) float32 of one (layer, site), rows in store order, forwarding only
     down to `layer` (the cheapest recompute the hooks allow)."""
-    from pipeline.extract import Extractor
-    from pipeline.hooks import capture, run_to_deepest
+    from pipeline.cache.extract import Extractor
+    from pipeline.cache.hooks import capture, run_to_deepest
 
     pad = lm.tokenizer.pad_token_id or 0
     helper = Extractor.__new__(Extractor)
@@ -412,10 +412,10 @@ class HeadEpoch:
 
     def __init__(self, cfg: BenchConfig, m: Methods, work: Path):
         from heads.run import TrainHeadsConfig
-        from pipeline.align import AlignConfig, load_alignment, run_align
-        from pipeline.extract import ExtractConfig, prepare, run_extract
-        from pipeline.hooks import parse_layers
-        from pipeline.models import load_model
+        from pipeline.align.pairs import AlignConfig, load_alignment, run_align
+        from pipeline.cache.extract import ExtractConfig, prepare, run_extract
+        from pipeline.cache.hooks import parse_layers
+        from pipeline.cache.models import load_model
 
         self.cfg, self.m = cfg, m
         partner = cfg.partner or PARTNERS.get(cfg.model, cfg.model)

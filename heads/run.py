@@ -13,9 +13,9 @@ from pathlib import Path
 import storage
 from heads.modules import KINDS, artifact_paths
 from heads.train import HeadSpec, fit_head
-from pipeline.align import IDENTITY_FIELDS, load_alignment, store_identity
+from pipeline.align.pairs import IDENTITY_FIELDS, load_alignment, store_identity
 from pipeline.cache import sha256_bytes
-from pipeline.layermap import load_layermap
+from pipeline.align.layermap import load_layermap
 
 from heads.headset import INDEX
 

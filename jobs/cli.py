@@ -17,7 +17,7 @@ from jobs.args import add_dataclass_args, to_dataclass
 
 
 def cmd_fetch_model(ns) -> int:
-    from pipeline.models import REGISTRY, TINY_PRESETS, fetch_model, load_model
+    from pipeline.cache.models import REGISTRY, TINY_PRESETS, fetch_model, load_model
 
     if ns.list or not ns.names:
         for name, spec in REGISTRY.items():
@@ -33,14 +33,14 @@ def cmd_fetch_model(ns) -> int:
 
 
 def cmd_fetch_corpus(ns) -> int:
-    from pipeline.corpus import fetch_builtin
+    from pipeline.cache.corpus import fetch_builtin
 
     print(fetch_builtin(ns.name))
     return 0
 
 
 def cmd_extract(ns) -> int:
-    from pipeline.extract import ExtractConfig, run_extract
+    from pipeline.cache.extract import ExtractConfig, run_extract
 
     cfg = to_dataclass(ExtractConfig, ns)
     print(json.dumps(run_extract(cfg, progress=not ns.quiet), indent=2))
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name", nargs="?", default="nlp-corpus", help="built-in corpus (default: nlp-corpus)")
     s.set_defaults(func=cmd_fetch_corpus)
 
-    from pipeline.extract import ExtractConfig
+    from pipeline.cache.extract import ExtractConfig
 
     s = sub.add_parser("extract", help="cache a model's activations into a Zarr store (Ray)",
                        description="Run MODEL over the corpus once and store the chosen sites of the "
@@ -137,9 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.corpus import CorpusError
-    from pipeline.hooks import SiteError
-    from pipeline.models import ModelError
+    from pipeline.cache.corpus import CorpusError
+    from pipeline.cache.hooks import SiteError
+    from pipeline.cache.models import ModelError
     from storage.layout import StoreError
 
     args = build_parser().parse_args(argv)

@@ -7,7 +7,7 @@ from jobs.args import add_dataclass_args, to_dataclass
 
 
 def cmd_align(ns) -> int:
-    from pipeline.align import AlignConfig, format_alignment, run_align
+    from pipeline.align.pairs import AlignConfig, format_alignment, run_align
 
     meta = run_align(to_dataclass(AlignConfig, ns))
     print(json.dumps(meta, indent=2) if ns.json else format_alignment(meta))
@@ -15,7 +15,7 @@ def cmd_align(ns) -> int:
 
 
 def cmd_layermap(ns) -> int:
-    from pipeline.layermap import LayermapConfig, format_layermap, run_layermap
+    from pipeline.align.layermap import LayermapConfig, format_layermap, run_layermap
 
     cfg = to_dataclass(LayermapConfig, ns)
     meta = run_layermap(cfg, progress=not ns.quiet)
@@ -25,8 +25,8 @@ def cmd_layermap(ns) -> int:
 
 
 def register(sub) -> None:
-    from pipeline.align import AlignConfig
-    from pipeline.layermap import LayermapConfig
+    from pipeline.align.pairs import AlignConfig
+    from pipeline.align.layermap import LayermapConfig
 
     s = sub.add_parser(
         "align", help="pair source and target tokens that end at the same character",
@@ -46,7 +46,7 @@ def register(sub) -> None:
         "seeded sample of aligned pairs (read chunk by chunk from the stores, never the whole "
         "store), choose a monotone assignment target layer -> source layer by dynamic "
         "programming (maximum total CKA), and compare it with the relative-depth assignment. "
-        "Writes OUT/layermap.json (read by head training via pipeline.layermap.load_layermap) "
+        "Writes OUT/layermap.json (read by head training via pipeline.align.layermap.load_layermap) "
         "and OUT/heatmap.png with both paths drawn.")
     add_dataclass_args(s, LayermapConfig, positional=("src_store", "tgt_store"))
     s.add_argument("--json", action="store_true", help="print layermap.json instead of a table")

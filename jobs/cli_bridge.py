@@ -8,7 +8,7 @@ from jobs.args import add_dataclass_args, to_dataclass
 
 
 def cmd_transfer(ns) -> int:
-    from pipeline.transfer import TransferConfig, run_transfer
+    from pipeline.assemble.transfer import TransferConfig, run_transfer
 
     manifest = run_transfer(to_dataclass(TransferConfig, ns))
     print(json.dumps({"out": ns.out, "target": manifest["target"]["model"], "source": manifest["source"]["model"],
@@ -20,7 +20,7 @@ def cmd_transfer(ns) -> int:
 def cmd_generate(ns) -> int:
     import torch
 
-    from pipeline.transfer import load_bridged
+    from pipeline.assemble.transfer import load_bridged
 
     lm = load_bridged(ns.bridged, device=ns.device)
     for prompt in ns.prompt:
@@ -33,7 +33,7 @@ def cmd_generate(ns) -> int:
 
 
 def cmd_validate(ns) -> int:
-    from pipeline.validate import ValidateConfig, format_report, run_validate
+    from pipeline.assemble.validate import ValidateConfig, format_report, run_validate
 
     report = run_validate(to_dataclass(ValidateConfig, ns), progress=not ns.quiet)
     print(format_report(report))
@@ -42,13 +42,13 @@ def cmd_validate(ns) -> int:
 
 
 def register(sub) -> None:
-    from pipeline.transfer import TransferConfig
-    from pipeline.validate import ValidateConfig
+    from pipeline.assemble.transfer import TransferConfig
+    from pipeline.assemble.validate import ValidateConfig
 
     s = sub.add_parser("transfer", help="package a source LoRA + the heads it needs into a bridged artifact",
                        description="Check that the adapter belongs to the head set's source model and that every "
                        "module it adapts is covered by heads, then write BRIDGED/ (manifest.json, the adapter(s), "
-                       "the needed heads). Load it with pipeline.transfer.load_bridged(BRIDGED).")
+                       "the needed heads). Load it with pipeline.assemble.transfer.load_bridged(BRIDGED).")
     add_dataclass_args(s, TransferConfig)
     s.set_defaults(func=cmd_transfer)
 

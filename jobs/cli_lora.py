@@ -34,7 +34,7 @@ example:
 
 
 def cmd_lora_train(ns: argparse.Namespace) -> int:
-    from pipeline.lora import LoraTrainConfig, train_lora
+    from pipeline.lora.train import LoraTrainConfig, train_lora
 
     cfg = to_dataclass(LoraTrainConfig, ns)
     res = train_lora(cfg, progress=not ns.quiet)
@@ -45,7 +45,7 @@ def cmd_lora_train(ns: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(ns: argparse.Namespace) -> int:
-    from pipeline.evaluate import EvalConfig, run_evaluate
+    from pipeline.lora.evaluate import EvalConfig, run_evaluate
 
     cfg = to_dataclass(EvalConfig, ns)
     res = run_evaluate(cfg, progress=not ns.quiet)
@@ -58,8 +58,8 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    from pipeline.evaluate import EvalConfig
-    from pipeline.lora import LoraTrainConfig
+    from pipeline.lora.evaluate import EvalConfig
+    from pipeline.lora.train import LoraTrainConfig
 
     fmt = argparse.RawDescriptionHelpFormatter
     lora = subparsers.add_parser("lora", help="train LoRA adapters (standard PEFT)",

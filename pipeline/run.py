@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.bridge import IN_SITE, out_site
+from pipeline.assemble.bridge import IN_SITE, out_site
 
 
 @dataclass
@@ -66,11 +66,11 @@ def _stage(name: str):
 def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict:
     from heads.headset import write_summary
     from heads.run import TrainHeadsConfig, run_train_heads
-    from pipeline.align import AlignConfig, run_align
-    from pipeline.extract import ExtractConfig, run_extract
-    from pipeline.layermap import LayermapConfig, run_layermap
-    from pipeline.lora import LoraTrainConfig, parse_targets, train_lora
-    from pipeline.validate import ValidateConfig, format_report, run_validate
+    from pipeline.align.pairs import AlignConfig, run_align
+    from pipeline.cache.extract import ExtractConfig, run_extract
+    from pipeline.align.layermap import LayermapConfig, run_layermap
+    from pipeline.lora.train import LoraTrainConfig, parse_targets, train_lora
+    from pipeline.assemble.validate import ValidateConfig, format_report, run_validate
     from storage.check import verify
 
     out = Path(cfg.out)

@@ -11,7 +11,7 @@ import torch
 
 import storage
 from jobs.cli import main
-from pipeline.models import load_model
+from pipeline.cache.models import load_model
 from storage.check import summary, verify
 
 pytestmark = pytest.mark.real

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.align import AlignConfig, run_align
-from pipeline.layermap import LayermapConfig, run_layermap
+from pipeline.align.pairs import AlignConfig, run_align
+from pipeline.align.layermap import LayermapConfig, run_layermap
 from storage.layout import FORMAT_VERSION, encode
 from storage.writer import create_store, write_unit
 

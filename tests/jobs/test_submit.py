@@ -62,7 +62,7 @@ def local(tmp_path_factory, corpus_dir):
     """Every stage run here, without Ray: the reference the submitted jobs must reproduce.
     align and layermap run through their job entrypoints (in this process: no cluster)."""
     from heads.run import TrainHeadsConfig, run_train_heads
-    from pipeline.extract import ExtractConfig, run_extract
+    from pipeline.cache.extract import ExtractConfig, run_extract
 
     d = tmp_path_factory.mktemp("local")
     for role, model in MODELS.items():  # the settings of EXTRACT

@@ -26,7 +26,7 @@ def build(root: Path) -> dict[str, Path]:
     gemma_seg (other --max-chars). Memoised: both test modules share one set."""
     if _built:
         return _built
-    from pipeline.extract import ExtractConfig, run_extract
+    from pipeline.cache.extract import ExtractConfig, run_extract
 
     corpus = root / "corpus"
     corpus.mkdir(parents=True)

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 
 from heads.modules import HeadConfig, ProjectionHead
-from pipeline.bridge import IN_SITE, out_site
-from pipeline.hooks import get_layer_list, site_dim
-from pipeline.models import load_model
+from pipeline.assemble.bridge import IN_SITE, out_site
+from pipeline.cache.hooks import get_layer_list, site_dim
+from pipeline.cache.models import load_model
 
 
 def identity_heads(root: Path, model_name: str, kind: str, sites: list[str]) -> Path:

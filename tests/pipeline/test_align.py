@@ -8,7 +8,7 @@ import pytest
 import storage
 from tests.pipeline.align_stores import build
 from jobs import cli_align
-from pipeline.align import AlignConfig, align_offsets, load_alignment, match_ends, run_align
+from pipeline.align.pairs import AlignConfig, align_offsets, load_alignment, match_ends, run_align
 from storage.layout import StoreError
 
 

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import corpus as C
+from pipeline.cache import corpus as C
 from pipeline.cache import sha256_file
-from pipeline.corpus import (BUILTIN, Corpus, CorpusError, Document, fetch_builtin, load_corpus,
+from pipeline.cache.corpus import (BUILTIN, Corpus, CorpusError, Document, fetch_builtin, load_corpus,
                              segment, segmentation_hash)
 
 

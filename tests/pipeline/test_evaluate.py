@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
-from pipeline.evaluate import (bootstrap_ci, evaluate_model, extract_answer, generate_greedy,
+from pipeline.lora.evaluate import (bootstrap_ci, evaluate_model, extract_answer, generate_greedy,
                                score_predictions)
-from pipeline.models import load_model
-from pipeline.tasks import Example, Task, builtin_task
+from pipeline.cache.models import load_model
+from pipeline.lora.tasks import Example, Task, builtin_task
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import storage
-from pipeline.corpus import load_corpus, segment
-from pipeline.extract import ExtractConfig, run_extract
-from pipeline.hooks import capture, get_layer_list, run_to_deepest
-from pipeline.models import load_model
+from pipeline.cache.corpus import load_corpus, segment
+from pipeline.cache.extract import ExtractConfig, run_extract
+from pipeline.cache.hooks import capture, get_layer_list, run_to_deepest
+from pipeline.cache.models import load_model
 
 SITES = "resid,attn_in,mlp_in,q_proj.out,v_proj.out,o_proj.in,down_proj.in,up_proj.out"
 MLP_NORM = {"llama": "post_attention_layernorm", "gemma3_text": "pre_feedforward_layernorm"}

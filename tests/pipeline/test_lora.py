@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.lora import (CAST_FILE, LoraError, LoraTrainConfig, answer_loss, check_adapter_base,
+from pipeline.lora.train import (CAST_FILE, LoraError, LoraTrainConfig, answer_loss, check_adapter_base,
                            collate, encode_pairs, load_adapter, parse_targets, train_lora)
-from pipeline.evaluate import evaluate_model
-from pipeline.models import load_model
-from pipeline.tasks import Example, Task
+from pipeline.lora.evaluate import evaluate_model
+from pipeline.cache.models import load_model
+from pipeline.lora.tasks import Example, Task
 
 WORDS = "the a of and to in is was for on that with as by it at from his her they".split()
 

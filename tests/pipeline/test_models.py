@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from pipeline.hooks import get_layer_list
-from pipeline.models import REGISTRY, ModelError, fetch_model, load_model, pick_device, resolve
+from pipeline.cache.hooks import get_layer_list
+from pipeline.cache.models import REGISTRY, ModelError, fetch_model, load_model, pick_device, resolve
 
 
 def test_tiny_presets_are_two_architectures_with_two_tokenizers():

@@ -26,7 +26,7 @@ def slow_extract(out: Path, corpus: Path) -> subprocess.Popen:
     mid-run (the slowdown is injected here, not a switch in the product)."""
     code = textwrap.dedent(f"""
         import sys, time
-        import pipeline.extract as E
+        import pipeline.cache.extract as E
         run = E.Extractor.run
         def slow(self, unit):
             res = run(self, unit)

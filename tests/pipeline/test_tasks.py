@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from pipeline.tasks import (BUILTINS, Example, Task, TaskError, builtin_task, jsonl_task, load_task,
+from pipeline.lora.tasks import (BUILTINS, Example, Task, TaskError, builtin_task, jsonl_task, load_task,
                             read_jsonl)
 
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.lora import load_adapter
-from pipeline.models import load_model
-from pipeline.validate import paired_ratio_ci
-from pipeline.weightspace import project_update, weightspace_adapter
+from pipeline.lora.train import load_adapter
+from pipeline.cache.models import load_model
+from pipeline.assemble.validate import paired_ratio_ci
+from pipeline.assemble.weightspace import project_update, weightspace_adapter
 from tests.pipeline.bridge_fixtures import random_adapter
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8]])

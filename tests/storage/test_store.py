@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import storage
-from pipeline.extract import ExtractConfig, run_extract
-from pipeline.models import fetch_model, load_model
+from pipeline.cache.extract import ExtractConfig, run_extract
+from pipeline.cache.models import fetch_model, load_model
 from storage.check import format_summary, summary, verify
 from storage.layout import UNITS, StoreError, decode, encode
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.tasks import Example, Task, load_task, prompt_key
+from pipeline.lora.tasks import Example, Task, load_task, prompt_key
 
 
 @dataclass
@@ -186,8 +186,8 @@ def check_overlap(task: Task, examples: list[Example], adapter_meta: dict | None
 
 def run_evaluate(cfg: EvalConfig, progress: bool = True) -> EvalResult:
     """What `cast evaluate` does: load, optionally apply the adapter, score, write JSON."""
-    from pipeline.lora import check_adapter_base, load_adapter
-    from pipeline.models import load_model
+    from pipeline.lora.train import check_adapter_base, load_adapter
+    from pipeline.cache.models import load_model
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 import storage
-from pipeline.corpus import load_corpus, segment, segmentation_hash
-from pipeline.hooks import capture, parse_layers, parse_sites, run_to_deepest, site_dim
-from pipeline.models import load_model, load_tokenizer, resolve
+from pipeline.cache.corpus import load_corpus, segment, segmentation_hash
+from pipeline.cache.hooks import capture, parse_layers, parse_sites, run_to_deepest, site_dim
+from pipeline.cache.models import load_model, load_tokenizer, resolve
 from storage.layout import FORMAT_VERSION, STORAGE_DTYPES, StoreError, encode
 from storage.writer import clean_leftovers, committed_units, create_store, write_unit
 

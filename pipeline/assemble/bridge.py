@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from heads.modules import ProjectionHead
-from pipeline.hooks import get_layer_list
+from pipeline.cache.hooks import get_layer_list
 
 # Which site carries each LoRA-able module's input and output (DESIGN §8 targets).
 IN_SITE = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "gate_proj": "mlp_in",

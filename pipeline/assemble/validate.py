@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from heads.headset import load_heads
-from pipeline.bridge import BridgeError
+from pipeline.assemble.bridge import BridgeError
 
 
 @dataclass
@@ -71,7 +71,7 @@ def paired_ratio_ci(x, base, ref, n_boot: int, seed: int = 0):
 
 
 def _ensure_retrained(cfg: ValidateConfig, meta: dict, target_name: str, task, out: Path) -> str:
-    from pipeline.lora import LoraTrainConfig, train_lora
+    from pipeline.lora.train import LoraTrainConfig, train_lora
 
     if cfg.retrained:
         return cfg.retrained
@@ -87,12 +87,12 @@ def _ensure_retrained(cfg: ValidateConfig, meta: dict, target_name: str, task, o
 
 
 def run_validate(cfg: ValidateConfig, progress: bool = True) -> dict:
-    from pipeline.evaluate import evaluate_model
-    from pipeline.lora import load_adapter, read_adapter_meta
-    from pipeline.models import load_model
-    from pipeline.tasks import load_task
-    from pipeline.transfer import TransferConfig, load_bridged, run_transfer
-    from pipeline.weightspace import weightspace_adapter
+    from pipeline.lora.evaluate import evaluate_model
+    from pipeline.lora.train import load_adapter, read_adapter_meta
+    from pipeline.cache.models import load_model
+    from pipeline.lora.tasks import load_task
+    from pipeline.assemble.transfer import TransferConfig, load_bridged, run_transfer
+    from pipeline.assemble.weightspace import weightspace_adapter
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

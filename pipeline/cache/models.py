@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from pipeline.cache import cache_dir, commit_dir, sha256_file
-from pipeline.tiny import TINY_PRESETS, build_tiny
+from pipeline.cache.tiny import TINY_PRESETS, build_tiny
 
 
 class ModelError(ValueError):

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.models import LoadedModel, ModelInfo, load_model
-from pipeline.tasks import Example, Task, load_task, prompt_key
+from pipeline.cache.models import LoadedModel, ModelInfo, load_model
+from pipeline.lora.tasks import Example, Task, load_task, prompt_key
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CAST_FILE = "cast_lora.json"

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 import storage
-from pipeline.align import check_same_text, load_alignment, store_identity
+from pipeline.align.pairs import check_same_text, load_alignment, store_identity
 from storage.layout import StoreError
 from storage.reader import ActivationStore
 
@@ -320,7 +320,7 @@ class LayerMap:
 
     def check_stores(self, src: ActivationStore, tgt: ActivationStore) -> None:
         """Raise StoreError unless src/tgt are the stores this map was measured on."""
-        from pipeline.align import check_identity
+        from pipeline.align.pairs import check_identity
 
         check_identity(self.source, src, "source", self.path)
         check_identity(self.target, tgt, "target", self.path)

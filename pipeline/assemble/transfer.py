@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from heads.headset import INDEX, HeadSet, load_heads
-from pipeline.bridge import (IN_SITE, BridgeError, SiteBridge, assign_layers, attach, out_site, read_lora)
+from pipeline.assemble.bridge import (IN_SITE, BridgeError, SiteBridge, assign_layers, attach, out_site, read_lora)
 from pipeline.cache import commit_dir
 
 MANIFEST = "manifest.json"
@@ -54,7 +54,7 @@ def needed_heads(modules: list[str], kind: str) -> list[tuple[str, str]]:
 
 
 def check_adapter(adapter: str, lw, hs: HeadSet, kind: str) -> None:
-    from pipeline.lora import read_adapter_meta
+    from pipeline.lora.train import read_adapter_meta
 
     meta = read_adapter_meta(adapter)
     if meta is not None and meta["base"]["weights_hash"] != hs.source["weights_hash"]:
@@ -158,7 +158,7 @@ def build_bridges(path: Path, manifest: dict, device="cpu") -> dict:
 def load_bridged(path: str | Path, device: str | None = None, model: str | None = None):
     """The target model with the bridge applied (a LoadedModel), ready for `generate`.
     `model` overrides where the target is loaded from (default: its registry name)."""
-    from pipeline.models import load_model
+    from pipeline.cache.models import load_model
 
     path = Path(path)
     manifest = read_manifest(path)

@@ -108,7 +108,7 @@ def build_tiny(name: str) -> Path:
     """Build (once per TINY_VERSION) and return the checkpoint dir of a tiny preset."""
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from pipeline.models import INFO_FILE, write_info
+    from pipeline.cache.models import INFO_FILE, write_info
 
     final = cache_dir() / "models" / f"{name}-v{TINY_VERSION}"
     if (final / INFO_FILE).exists():

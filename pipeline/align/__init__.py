@@ -1,0 +1,1 @@
+"""Alignment stage: pair the two stores' tokens (pairs.py) and map layers (layermap.py)."""

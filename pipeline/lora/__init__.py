@@ -1,0 +1,1 @@
+"""LoRA tooling: built-in and JSONL tasks, standard PEFT LoRA training, evaluation."""
