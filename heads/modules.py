@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from storage.files import atomic_path, atomic_write_text
+
 KINDS = ("mlp", "ridge")
 
 
@@ -78,13 +80,12 @@ class ProjectionHead(nn.Module):
         return (y * self.out_std + self.out_mean).to(x.dtype)
 
     def save(self, path: Path, extra: dict | None = None) -> None:
-        """<path>.safetensors + <path>.json, written to temp names and renamed."""
+        """<path>.safetensors + <path>.json, each committed atomically; the JSON last, so
+        a head whose JSON exists is whole (re-runs check for it)."""
         weights, meta = artifact_paths(path)
-        tmp_w, tmp_j = Path(f"{weights}.tmp"), Path(f"{meta}.tmp")
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(tmp_w))
-        tmp_j.write_text(json.dumps({"config": asdict(self.cfg), **(extra or {})}, indent=2))
-        tmp_w.rename(weights)
-        tmp_j.rename(meta)
+        with atomic_path(weights) as tmp:
+            save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(tmp))
+        atomic_write_text(meta, json.dumps({"config": asdict(self.cfg), **(extra or {})}, indent=2))
 
     @classmethod
     def load(cls, path: Path, device: str | torch.device = "cpu") -> "ProjectionHead":

@@ -14,7 +14,7 @@ import storage
 from heads.modules import KINDS, artifact_paths
 from heads.train import HeadSpec, fit_head
 from pipeline.align.pairs import IDENTITY_FIELDS, load_alignment, store_identity
-from pipeline.cache import sha256_bytes
+from storage.files import atomic_write_text, sha256_bytes
 from pipeline.align.layermap import load_layermap
 
 from heads.headset import INDEX
@@ -217,7 +217,5 @@ def run_train_heads(cfg: TrainHeadsConfig, progress: bool = True) -> dict:
     index = {"kind": "cast-heads", "version": 1, "inputs": inputs, "options": opts,
              "paths": paths, "layermap_path": cfg.layermap,
              "heads": [results[s.name] for s in specs], "seconds": time.perf_counter() - t0}
-    tmp = out / f".{INDEX}.tmp"
-    tmp.write_text(json.dumps(index, indent=2))
-    tmp.rename(out / INDEX)
+    atomic_write_text(out / INDEX, json.dumps(index, indent=2))
     return index

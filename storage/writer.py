@@ -11,7 +11,6 @@ import os
 import shutil
 import socket
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import pyarrow.parquet as pq
 import zarr
 from zarr.codecs import ZstdCodec
 
+from storage.files import TMP_PREFIX, atomic_path
 from storage.layout import (
     MANIFEST, META_KEY, STORAGE_DTYPES, TOKEN_FIELDS, UNITS, StoreError, act_path, chunk_tokens,
     stats_path, unit_name,
@@ -55,13 +55,13 @@ def clean_leftovers(path: Path, committed: set[int]) -> list[str]:
     for d in units.iterdir():
         if not d.is_dir():
             continue
-        if d.name.startswith(".tmp-"):
+        if d.name.startswith(TMP_PREFIX):
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d.name)
         elif d.name.startswith("u") and int(d.name[1:]) not in committed:
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d.name)
-    for f in (Path(path) / MANIFEST).glob(".tmp-*"):
+    for f in (Path(path) / MANIFEST).glob(f"{TMP_PREFIX}*"):
         f.unlink(missing_ok=True)
     return removed
 
@@ -88,49 +88,45 @@ def write_unit(
     """
     path = Path(path)
     name = unit_name(unit)
-    tmp_name = f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-    tmp = path / UNITS / tmp_name
     n = len(tokens["token_id"])
     hashes, nbytes = {}, 0
-    group = zarr.open_group(str(tmp), mode="w", zarr_format=3,
-                            attributes={"unit": unit, "n_tokens": n, "segments": list(segments)})
-    for field in TOKEN_FIELDS:
-        arr = np.ascontiguousarray(tokens[field], dtype=np.int64)
-        group.create_array(f"meta/{field}", data=arr, chunks=(max(1, n),), compressors=ZstdCodec(level=3))
-        hashes[f"meta/{field}"] = array_hash(arr)
-    on_disk = STORAGE_DTYPES[dtype]
-    for (layer, site), arr in acts.items():
-        if arr.shape[0] != n or arr.dtype != np.dtype(on_disk):
-            raise StoreError(f"unit {unit} {act_path(layer, site)}: got {arr.shape} {arr.dtype}, "
-                             f"expected ({n}, dim) {on_disk}")
-        ct = min(chunk_tokens(arr.shape[1], arr.itemsize), max(1, n))
-        shard = -(-max(1, n) // ct) * ct  # one shard per array per unit: a single writer owns it
-        group.create_array(act_path(layer, site), data=arr, chunks=(ct, arr.shape[1]),
-                           shards=(shard, arr.shape[1]), compressors=ZstdCodec(level=1),
-                           # activations are never all fill value: skip zarr's per-chunk
-                           # "is it empty?" scan (~15% of the write's CPU, issue 8)
-                           config={"write_empty_chunks": True})
-        hashes[act_path(layer, site)] = array_hash(arr)
-        nbytes += arr.nbytes
-    for site in dict.fromkeys(site for _, site in acts):
-        layers = sorted(layer for layer, s in acts if s == site)
-        if layers != sorted({layer for layer, _ in acts}):
-            raise StoreError(f"unit {unit}: site {site} has layers {layers}, other sites have "
-                             f"{sorted({layer for layer, _ in acts})}; every site needs every layer")
-        rows = np.stack([stats[(layer, site)] for layer in layers]).astype(np.float64)
-        group.create_array(stats_path(site), data=rows)
-    final = path / UNITS / name
-    if final.exists():  # an uncommitted leftover of a killed attempt at this unit
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    # The unit directory is renamed into place first (replacing an uncommitted leftover of a
+    # killed attempt at this unit), its manifest row second: the row is the commit point.
+    with atomic_path(path / UNITS / name) as tmp:
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3,
+                                attributes={"unit": unit, "n_tokens": n, "segments": list(segments)})
+        for field in TOKEN_FIELDS:
+            arr = np.ascontiguousarray(tokens[field], dtype=np.int64)
+            group.create_array(f"meta/{field}", data=arr, chunks=(max(1, n),), compressors=ZstdCodec(level=3))
+            hashes[f"meta/{field}"] = array_hash(arr)
+        on_disk = STORAGE_DTYPES[dtype]
+        for (layer, site), arr in acts.items():
+            if arr.shape[0] != n or arr.dtype != np.dtype(on_disk):
+                raise StoreError(f"unit {unit} {act_path(layer, site)}: got {arr.shape} {arr.dtype}, "
+                                 f"expected ({n}, dim) {on_disk}")
+            ct = min(chunk_tokens(arr.shape[1], arr.itemsize), max(1, n))
+            shard = -(-max(1, n) // ct) * ct  # one shard per array per unit: a single writer owns it
+            group.create_array(act_path(layer, site), data=arr, chunks=(ct, arr.shape[1]),
+                               shards=(shard, arr.shape[1]), compressors=ZstdCodec(level=1),
+                               # activations are never all fill value: skip zarr's per-chunk
+                               # "is it empty?" scan (~15% of the write's CPU, see docs/design.md#store-format)
+                               config={"write_empty_chunks": True})
+            hashes[act_path(layer, site)] = array_hash(arr)
+            nbytes += arr.nbytes
+        for site in dict.fromkeys(site for _, site in acts):
+            layers = sorted(layer for layer, s in acts if s == site)
+            if layers != sorted({layer for layer, _ in acts}):
+                raise StoreError(f"unit {unit}: site {site} has layers {layers}, other sites have "
+                                 f"{sorted({layer for layer, _ in acts})}; every site needs every layer")
+            rows = np.stack([stats[(layer, site)] for layer in layers]).astype(np.float64)
+            group.create_array(stats_path(site), data=rows)
     row = {
         "unit": unit, "first_segment": segments[0], "last_segment": segments[1], "n_tokens": n,
         "nbytes": nbytes, "hashes": json.dumps(hashes, sort_keys=True), "seconds": seconds,
         "worker": f"{socket.gethostname()}:{os.getpid()}", "committed_at": time.time(),
     }
-    tmp_row = path / MANIFEST / f".tmp-{name}-{uuid.uuid4().hex[:8]}.parquet"
-    pq.write_table(pa.Table.from_pylist([row], schema=MANIFEST_SCHEMA), tmp_row)
-    os.replace(tmp_row, path / MANIFEST / f"{name}.parquet")
+    with atomic_path(path / MANIFEST / f"{name}.parquet") as tmp_row:
+        pq.write_table(pa.Table.from_pylist([row], schema=MANIFEST_SCHEMA), tmp_row)
     return row
 
 

@@ -20,17 +20,16 @@ the ~0.7% of tokens whose residual norm is 40-190x the rest (see the flags' help
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 import storage
+from storage.files import atomic_write_text
 from pipeline.align.pairs import check_same_text, load_alignment, store_identity
 from storage.layout import StoreError
 from storage.reader import ActivationStore
@@ -279,9 +278,7 @@ def run_layermap(cfg: LayermapConfig, progress: bool = False) -> dict:
         "mean_cka": {k: v / len(tgt.layers) for k, v in total.items()},
         "heatmap": HEATMAP_PNG, "seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib(),
     }
-    tmp = out / f".tmp-{uuid.uuid4().hex[:8]}-{LAYERMAP_JSON}"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, out / LAYERMAP_JSON)  # the json appears whole or not at all
+    atomic_write_text(out / LAYERMAP_JSON, json.dumps(meta, indent=2))  # whole or not at all
     return meta
 
 

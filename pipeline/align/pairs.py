@@ -18,11 +18,8 @@ by src_row; positions are each token's index in its model's input sequence) and
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import storage
+from storage.files import atomic_path
 from storage.layout import StoreError
 from storage.reader import ActivationStore
 
@@ -249,11 +247,10 @@ def run_align(cfg: AlignConfig) -> dict:
 
     counts = {k: 0 for k in ("segments_src", "segments_tgt", "segments_shared", "tokens_src",
                              "tokens_tgt", "text_tokens_src", "text_tokens_tgt")}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     n_pairs, pending = 0, []
-    try:
+    # --force, or an empty directory: replaced whole when the new alignment is complete.
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
         with pq.ParquetWriter(tmp / PAIRS_FILE, PAIRS_SCHEMA) as writer:
             def flush():
                 cols = [np.concatenate(c) for c in zip(*pending)]
@@ -281,11 +278,6 @@ def run_align(cfg: AlignConfig) -> dict:
             "seconds": time.perf_counter() - t0,
         }
         (tmp / ALIGN_JSON).write_text(json.dumps(meta, indent=2))
-        if out.exists():  # --force, or an empty directory
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return meta
 
 

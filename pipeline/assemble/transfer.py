@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from heads.headset import INDEX, HeadSet, load_heads
 from pipeline.assemble.bridge import (IN_SITE, BridgeError, SiteBridge, assign_layers, attach, out_site, read_lora)
-from pipeline.cache import commit_dir
+from storage.files import atomic_path
 
 MANIFEST = "manifest.json"
 
@@ -101,9 +100,8 @@ def run_transfer(cfg: TransferConfig) -> dict:
         for direction, site in needed_heads(lw.modules, cfg.kind):
             names.update(h["name"] for h in hs.entries(direction, site, cfg.kind)
                          if h["spec"]["target_layer"] in assignment)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
-        staged = Path(tmp) / "bridged"
+    with atomic_path(out) as staged:  # replaces a --force'd --out only once complete
+        staged.mkdir()
         for e in entries:
             shutil.copytree(e["origin"], staged / e["dir"])
         for name in sorted(names):
@@ -117,9 +115,6 @@ def run_transfer(cfg: TransferConfig) -> dict:
                     "head_kind": cfg.kind, "carry": cfg.carry, "layermap": hs.index["inputs"]["layermap"],
                     "heads_origin": str(hs.path), "adapters": entries}
         (staged / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        commit_dir(staged, out, MANIFEST)
     return manifest
 
 

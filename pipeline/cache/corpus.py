@@ -20,7 +20,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.cache import cache_dir, sha256_bytes, sha256_file
+from pipeline.cache import cache_dir
+from storage.files import atomic_path, sha256_bytes, sha256_file
 
 
 class CorpusError(ValueError):
@@ -167,15 +168,8 @@ def fetch_builtin(name: str = "nlp-corpus", cache: Path | None = None) -> Path:
     order = sorted(docs)  # numeric: doc-2 before doc-10
     table = pa.table({"doc_id": [f"doc-{n}" for n in order], "text": [docs[n] for n in order]})
     table = table.replace_schema_metadata({"package": ref, "tarball_sha256": spec.tarball_sha256})
-    # Temp name in the same directory + rename: concurrent readers never see a partial file.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp_name)
-        os.replace(tmp_name, out)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+    with atomic_path(out) as tmp:  # concurrent readers never see a partial file
+        pq.write_table(table, tmp)
     print(f"[corpus] {ref}: {len(order)} documents normalised into {out}", file=sys.stderr)
     return out
 

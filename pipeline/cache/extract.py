@@ -268,7 +268,7 @@ def prepare(cfg: ExtractConfig):
 def _identity(model: str) -> dict:
     path, recorded = resolve(model)
     tok = load_tokenizer(model)
-    from pipeline.cache import sha256_file
+    from storage.files import sha256_file
 
     tok_file = Path(path) / "tokenizer.json" if isinstance(path, Path) else None
     return {

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.cache import cache_dir, commit_dir, sha256_file
+from pipeline.cache import cache_dir
+from storage.files import atomic_path, sha256_file
 from pipeline.cache.tiny import TINY_PRESETS, build_tiny
 
 
@@ -173,13 +174,12 @@ def fetch_model(name: str) -> Path:
     if (final / INFO_FILE).exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{spec.name}-") as tmp:
-        work = Path(tmp)
-        gguf = _download_gguf(spec, work)
-        staged = work / "checkpoint"
-        _convert(gguf, staged)
-        write_info(staged, name=spec.name, weights_hash=spec.sha256)
-        commit_dir(staged, final, INFO_FILE)
+    with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{spec.name}-") as work:
+        gguf = _download_gguf(spec, Path(work))
+        # Another process fetching the same model may commit first: its copy is kept.
+        with atomic_path(final, keep=INFO_FILE) as staged:
+            _convert(gguf, staged)
+            write_info(staged, name=spec.name, weights_hash=spec.sha256)
     return final
 
 

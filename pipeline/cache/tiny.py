@@ -7,12 +7,12 @@ seeded random weights): no download, and the same bytes on every machine.
 from __future__ import annotations
 
 import random
-import tempfile
 from pathlib import Path
 
 import torch
 
-from pipeline.cache import cache_dir, commit_dir, sha256_file
+from pipeline.cache import cache_dir
+from storage.files import atomic_path, sha256_file
 
 # Bumped whenever a preset's construction changes, so stale cached builds are not reused.
 TINY_VERSION = 1
@@ -118,11 +118,8 @@ def build_tiny(name: str) -> Path:
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, **special)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg_builder(raw.get_vocab_size()), dtype=torch.float32)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{name}-") as tmp:
-        staged = Path(tmp) / "ckpt"
+    with atomic_path(final, keep=INFO_FILE) as staged:  # two test processes may build it at once
         model.save_pretrained(staged, safe_serialization=True)
         tok.save_pretrained(staged)
         write_info(staged, name=name, weights_hash=sha256_file(staged / "model.safetensors"))
-        commit_dir(staged, final, INFO_FILE)
     return final

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from pipeline.cache import sha256_bytes, sha256_file
+from storage.files import sha256_bytes, sha256_file
 
 
 class TaskError(ValueError):

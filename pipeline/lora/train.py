@@ -11,15 +11,14 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from storage.files import atomic_path
 from pipeline.cache.models import LoadedModel, ModelInfo, load_model
 from pipeline.lora.tasks import Example, Task, load_task, prompt_key
 
@@ -286,19 +285,11 @@ def _train_and_save(cfg, task, lm, model, targets, out, progress) -> LoraTrainRe
         # Digests, not data: evaluation uses them to refuse test prompts seen in training.
         "train_prompt_keys": sorted({prompt_key(e.prompt) for e in task.train}),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_path(out) as staged:
         model.save_pretrained(staged, safe_serialization=True)
         save_loss_curve(staged, losses)
         (staged / CAST_FILE).write_text(json.dumps(meta, indent=1))
         _check_out(out, cfg.force)  # nobody filled it while we trained
-        if out.exists():
-            shutil.rmtree(out)
-        staged.rename(out)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
     return LoraTrainResult(str(out), final, seconds, n_train, losses)
 
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cache import corpus as C
-from pipeline.cache import sha256_file
+from storage.files import sha256_file
 from pipeline.cache.corpus import (BUILTIN, Corpus, CorpusError, Document, fetch_builtin, load_corpus,
                              segment, segmentation_hash)
 
