@@ -412,7 +412,8 @@ class HeadEpoch:
 
     def __init__(self, cfg: BenchConfig, m: Methods, work: Path):
         from heads.run import TrainHeadsConfig
-        from pipeline.align.pairs import AlignConfig, load_alignment, run_align
+        from pipeline.align.pairs import AlignConfig, run_align
+        from storage.artifacts import load_alignment
         from pipeline.cache.extract import ExtractConfig, prepare, run_extract
         from pipeline.cache.hooks import parse_layers
         from pipeline.cache.models import load_model

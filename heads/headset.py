@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from heads.modules import ProjectionHead
+from storage.artifacts import HEADS_KIND, is_kind
 from storage.layout import StoreError
 
 INDEX = "index.json"
@@ -48,7 +49,7 @@ def load_heads(path: str | Path) -> HeadSet:
     if not f.exists():
         raise StoreError(f"{path} is not a head set (no {INDEX}); make one with `cast train-heads`")
     index = json.loads(f.read_text())
-    if index.get("kind") != "cast-heads":
+    if not is_kind(index, HEADS_KIND):
         raise StoreError(f"{f} is not a CAST head index")
     return HeadSet(path=path, index=index)
 

@@ -11,13 +11,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import storage
+from heads.headset import INDEX
 from heads.modules import KINDS, artifact_paths
 from heads.train import HeadSpec, fit_head
-from pipeline.align.pairs import IDENTITY_FIELDS, load_alignment, store_identity
+from storage.artifacts import HEADS_KIND, load_alignment, load_layermap
 from storage.files import atomic_write_text, sha256_bytes
-from pipeline.align.layermap import load_layermap
-
-from heads.headset import INDEX
+from storage.identity import IDENTITY_FIELDS, store_identity
 
 
 @dataclass
@@ -214,7 +213,7 @@ def run_train_heads(cfg: TrainHeadsConfig, progress: bool = True) -> dict:
                 while queue and len(pending) < cfg.workers:
                     submit(queue.pop(0))
     bar.close()
-    index = {"kind": "cast-heads", "version": 1, "inputs": inputs, "options": opts,
+    index = {"kind": HEADS_KIND, "version": 1, "inputs": inputs, "options": opts,
              "paths": paths, "layermap_path": cfg.layermap,
              "heads": [results[s.name] for s in specs], "seconds": time.perf_counter() - t0}
     atomic_write_text(out / INDEX, json.dumps(index, indent=2))

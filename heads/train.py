@@ -13,7 +13,7 @@ import torch
 import storage
 from heads.data import PairLoader, heldout_mask
 from heads.modules import HeadConfig, ProjectionHead
-from pipeline.align.pairs import load_alignment
+from storage.artifacts import load_alignment
 
 RIDGE_LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 

@@ -46,7 +46,7 @@ def register(sub) -> None:
         "seeded sample of aligned pairs (read chunk by chunk from the stores, never the whole "
         "store), choose a monotone assignment target layer -> source layer by dynamic "
         "programming (maximum total CKA), and compare it with the relative-depth assignment. "
-        "Writes OUT/layermap.json (read by head training via pipeline.align.layermap.load_layermap) "
+        "Writes OUT/layermap.json (read by head training via storage.artifacts.load_layermap) "
         "and OUT/heatmap.png with both paths drawn.")
     add_dataclass_args(s, LayermapConfig, positional=("src_store", "tgt_store"))
     s.add_argument("--json", action="store_true", help="print layermap.json instead of a table")

@@ -6,7 +6,7 @@ target layers never map to shallower source layers); relative depth beside it as
 baseline; a heatmap with both paths; `layermap.json` for the head-training stage.
 
     cast layermap runs/source.zarr runs/target.zarr --align runs/align --site resid --out runs/layermap
-    lm = load_layermap("runs/layermap")       # LayerMap
+    lm = storage.artifacts.load_layermap("runs/layermap")   # how head training reads it
     for src_layer, tgt_layer in lm.pairs(): ...
 
 Memory is bounded by the sample, not the store: the side with fewer (layers x width)
@@ -29,16 +29,11 @@ from pathlib import Path
 import numpy as np
 
 import storage
+from storage.artifacts import HEATMAP_PNG, LAYERMAP_JSON, LAYERMAP_KIND, LAYERMAP_VERSION, load_alignment
 from storage.files import atomic_write_text
-from pipeline.align.pairs import check_same_text, load_alignment, store_identity
+from storage.identity import check_same_text, store_identity
 from storage.layout import StoreError
 from storage.reader import ActivationStore
-
-LAYERMAP_JSON = "layermap.json"
-HEATMAP_PNG = "heatmap.png"
-LAYERMAP_KIND = "cast.layermap"
-LAYERMAP_VERSION = 1
-
 
 @dataclass
 class LayermapConfig:
@@ -285,60 +280,6 @@ def run_layermap(cfg: LayermapConfig, progress: bool = False) -> dict:
 def _need_site(store: ActivationStore, site: str) -> None:
     if site not in store.sites:
         raise StoreError(f"--site {site}: {store.path} does not store it (it has {', '.join(store.sites)})")
-
-
-@dataclass
-class LayerMap:
-    """A loaded layermap.json: what head training needs to pick (source, target) layers."""
-
-    path: Path
-    site: str
-    source_layers: list[int]
-    target_layers: list[int]
-    cka: np.ndarray
-    """(len(source_layers), len(target_layers)) linear CKA."""
-    mapping: dict[int, int]
-    """target layer -> chosen source layer (monotone DP)."""
-    relative_depth: dict[int, int]
-    """target layer -> source layer at the same relative depth (baseline)."""
-    total_cka: dict[str, float]
-    """{"chosen": ..., "relative_depth": ...}: summed CKA of each map."""
-    n_pairs: int
-    source: dict
-    """Source store identity (model, hashes, n_tokens, path)."""
-    target: dict
-    meta: dict = field(repr=False)
-    """The whole layermap.json."""
-
-    def pairs(self, which: str = "chosen") -> list[tuple[int, int]]:
-        """(source layer, target layer) per target layer, shallow to deep."""
-        m = self.mapping if which == "chosen" else self.relative_depth
-        return [(m[t], t) for t in self.target_layers]
-
-    def check_stores(self, src: ActivationStore, tgt: ActivationStore) -> None:
-        """Raise StoreError unless src/tgt are the stores this map was measured on."""
-        from pipeline.align.pairs import check_identity
-
-        check_identity(self.source, src, "source", self.path)
-        check_identity(self.target, tgt, "target", self.path)
-
-
-def load_layermap(path: str | Path) -> LayerMap:
-    """Open a layermap directory (or its layermap.json) written by `cast layermap`."""
-    path = Path(path)
-    f = path if path.suffix == ".json" else path / LAYERMAP_JSON
-    if not f.exists():
-        raise StoreError(f"{f} not found; make it with `cast layermap SRC TGT --align ALIGN --out {path}`")
-    meta = json.loads(f.read_text())
-    if meta.get("kind") != LAYERMAP_KIND:
-        raise StoreError(f"{f} is not a CAST layer map (kind {meta.get('kind')!r})")
-    return LayerMap(
-        path=f, site=meta["site"], source_layers=meta["source_layers"], target_layers=meta["target_layers"],
-        cka=np.asarray(meta["cka"], dtype=np.float64),
-        mapping={m["target_layer"]: m["source_layer"] for m in meta["map"]},
-        relative_depth={m["target_layer"]: m["source_layer"] for m in meta["relative_depth_map"]},
-        total_cka=meta["total_cka"], n_pairs=meta["n_pairs"], source=meta["source"], target=meta["target"],
-        meta=meta)
 
 
 def format_layermap(meta: dict) -> str:

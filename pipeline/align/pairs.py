@@ -7,7 +7,7 @@ the same prefix, so their activations describe the same context and can be regre
 each other.
 
     cast align runs/source.zarr runs/target.zarr --out runs/align
-    al = load_alignment("runs/align")          # Alignment
+    al = storage.artifacts.load_alignment("runs/align")   # how later stages read it
     src_rows, tgt_rows = al.sample(4096, seed=0)
 
 The artifact is a directory: `pairs.parquet` (int64 src_row, tgt_row, segment_id,
@@ -28,26 +28,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import storage
+from storage.artifacts import ALIGN_JSON, ALIGN_KIND, ALIGN_VERSION, PAIRS_FILE, PAIRS_SCHEMA
 from storage.files import atomic_path
+from storage.identity import IDENTITY_FIELDS, check_same_text, store_identity
 from storage.layout import StoreError
 from storage.reader import ActivationStore
 
-ALIGN_JSON = "align.json"
-PAIRS_FILE = "pairs.parquet"
-ALIGN_KIND = "cast.alignment"
-ALIGN_VERSION = 1
-PAIRS_SCHEMA = pa.schema([("src_row", pa.int64()), ("tgt_row", pa.int64()),
-                          ("segment_id", pa.int64()), ("char_end", pa.int64()),
-                          ("src_pos", pa.int64()), ("tgt_pos", pa.int64())])
 META_FIELDS = ("segment_id", "char_start", "char_end", "position")
-# Fields that must agree between two stores before their tokens can be paired: the same
-# documents (corpus hash) cut into the same segments (segmentation hash, max_chars).
-SHARED_FIELDS = (("corpus hash", ("corpus", "hash")),
-                 ("segmentation hash", ("corpus", "segmentation_hash")),
-                 ("max_chars", ("corpus", "max_chars")))
-# What identifies a store for an artifact derived from it (its path may move).
-IDENTITY_FIELDS = ("model", "weights_hash", "tokenizer_hash", "corpus_hash", "segmentation_hash",
-                   "max_chars", "n_tokens")
 
 
 @dataclass
@@ -109,40 +96,6 @@ def align_offsets(src_offsets, tgt_offsets) -> list[tuple[int, int]]:
 
 
 # ----------------------------------------------------------------------------- stores
-
-
-def store_identity(store: ActivationStore) -> dict:
-    """What an artifact derived from `store` records about it, to refuse a mix-up later."""
-    m, c = store.meta["model"], store.meta["corpus"]
-    return {"path": str(store.path), "model": m["name"], "weights_hash": m["weights_hash"],
-            "tokenizer_hash": m["tokenizer_hash"], "corpus_hash": c["hash"],
-            "segmentation_hash": c["segmentation_hash"], "max_chars": c["max_chars"],
-            "n_tokens": store.n_tokens, "units": len(store.units)}
-
-
-def check_same_text(src: ActivationStore, tgt: ActivationStore) -> None:
-    """Refuse two stores whose segment ids do not denote the same text."""
-    for label, keys in SHARED_FIELDS:
-        a, b = src.meta, tgt.meta
-        for k in keys:
-            a, b = a.get(k), b.get(k)
-        if a != b:
-            raise StoreError(
-                f"stores {src.path} and {tgt.path} differ in {label} ({a!r} vs {b!r}): they were not "
-                f"extracted from the same corpus segmentation, so their tokens cannot be aligned. "
-                f"Re-extract one with the other's --corpus and --max-chars.")
-
-
-def check_identity(recorded: dict, store: ActivationStore, role: str, artifact: Path) -> None:
-    """Raise if `store` is not the store `artifact` was made from (as its `role`)."""
-    have = store_identity(store)
-    diffs = [f"{k}: {recorded.get(k)!r} in {artifact.name}, {have[k]!r} in {store.path}"
-             for k in IDENTITY_FIELDS if recorded.get(k) != have[k]]
-    if diffs:
-        raise StoreError(
-            f"{artifact} was made for another {role} store (recorded {recorded.get('path')}):\n  "
-            + "\n  ".join(diffs)
-            + f"\nRe-run `cast align` on the stores you mean to use, then pass its output.")
 
 
 def _unit_blocks(store: ActivationStore):
@@ -279,82 +232,6 @@ def run_align(cfg: AlignConfig) -> dict:
         }
         (tmp / ALIGN_JSON).write_text(json.dumps(meta, indent=2))
     return meta
-
-
-@dataclass
-class Alignment:
-    """A loaded alignment artifact. Pairs stay on disk until asked for."""
-
-    path: Path
-    meta: dict
-    """The whole align.json."""
-
-    @property
-    def n_pairs(self) -> int:
-        return int(self.meta["n_pairs"])
-
-    @property
-    def source(self) -> dict:
-        """Identity of the source store (model, hashes, n_tokens, path at alignment time)."""
-        return self.meta["source"]
-
-    @property
-    def target(self) -> dict:
-        return self.meta["target"]
-
-    @property
-    def coverage(self) -> dict:
-        """{"source": fraction, "target": fraction} of text tokens aligned."""
-        return self.meta["coverage"]
-
-    def iter_batches(self, batch_rows: int = 262_144):
-        """Pairs as dicts of int64 arrays (PAIRS_SCHEMA's columns), in order."""
-        for rb in pq.ParquetFile(self.path / PAIRS_FILE).iter_batches(batch_size=batch_rows):
-            yield {name: rb.column(name).to_numpy() for name in PAIRS_SCHEMA.names}
-
-    def pairs(self) -> dict[str, np.ndarray]:
-        """All pairs at once (16 bytes per pair per column): fine for small corpora."""
-        return {k: v.to_numpy() for k, v in zip(PAIRS_SCHEMA.names, pq.read_table(self.path / PAIRS_FILE).columns)}
-
-    def sample(self, n: int, seed: int = 0, min_position: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """Up to n pairs drawn without replacement (seeded) among those whose tokens both
-        sit at position >= min_position, as (src_rows, tgt_rows) sorted by row. Two
-        streaming passes (count, then pick), so memory does not grow with the corpus."""
-        def eligible(b):
-            return (b["src_pos"] >= min_position) & (b["tgt_pos"] >= min_position)
-
-        total = self.n_pairs if min_position <= 0 else sum(int(eligible(b).sum()) for b in self.iter_batches())
-        rng = np.random.default_rng(seed)
-        pick = np.sort(rng.choice(total, size=min(n, total), replace=False))
-        src, tgt, base = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], 0
-        for b in self.iter_batches():
-            keep = np.flatnonzero(eligible(b))
-            lo, hi = np.searchsorted(pick, [base, base + len(keep)])
-            src.append(b["src_row"][keep[pick[lo:hi] - base]])
-            tgt.append(b["tgt_row"][keep[pick[lo:hi] - base]])
-            base += len(keep)
-        return np.concatenate(src), np.concatenate(tgt)
-
-    def check_stores(self, src: ActivationStore, tgt: ActivationStore) -> None:
-        """Raise StoreError unless src/tgt are the stores this alignment was made from."""
-        if store_identity(src)["model"] == self.target["model"] != self.source["model"]:
-            raise StoreError(f"{self.path} aligns {self.source['model']} (source) to "
-                             f"{self.target['model']} (target); the stores were given the other way round")
-        check_identity(self.source, src, "source", self.path / ALIGN_JSON)
-        check_identity(self.target, tgt, "target", self.path / ALIGN_JSON)
-
-
-def load_alignment(path: str | Path) -> Alignment:
-    """Open an alignment directory written by `cast align`."""
-    path = Path(path)
-    f = path / ALIGN_JSON
-    if not f.exists() or not (path / PAIRS_FILE).exists():
-        raise StoreError(f"{path} is not an alignment (needs {ALIGN_JSON} and {PAIRS_FILE}); "
-                         f"make one with `cast align SRC_STORE TGT_STORE --out {path}`")
-    meta = json.loads(f.read_text())
-    if meta.get("kind") != ALIGN_KIND:
-        raise StoreError(f"{f} is not a CAST alignment (kind {meta.get('kind')!r})")
-    return Alignment(path=path, meta=meta)
 
 
 def format_alignment(meta: dict) -> str:

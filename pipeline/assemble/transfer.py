@@ -15,6 +15,7 @@ from pathlib import Path
 
 from heads.headset import INDEX, HeadSet, load_heads
 from pipeline.assemble.bridge import (IN_SITE, BridgeError, SiteBridge, assign_layers, attach, out_site, read_lora)
+from storage.artifacts import BRIDGED_KIND, is_kind
 from storage.files import atomic_path
 
 MANIFEST = "manifest.json"
@@ -111,7 +112,7 @@ def run_transfer(cfg: TransferConfig) -> dict:
                 shutil.copy2(hs.path / (name + suffix), dst)
         index = {**hs.index, "heads": [h for h in hs.index["heads"] if h["name"] in names]}
         (staged / "heads" / INDEX).write_text(json.dumps(index, indent=1))
-        manifest = {"kind": "cast-bridged", "version": 1, "source": hs.source, "target": hs.target,
+        manifest = {"kind": BRIDGED_KIND, "version": 1, "source": hs.source, "target": hs.target,
                     "head_kind": cfg.kind, "carry": cfg.carry, "layermap": hs.index["inputs"]["layermap"],
                     "heads_origin": str(hs.path), "adapters": entries}
         (staged / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -123,7 +124,7 @@ def read_manifest(path: str | Path) -> dict:
     if not f.is_file():
         raise BridgeError(f"{path} is not a bridged artifact (no {MANIFEST}); make one with `cast transfer`")
     manifest = json.loads(f.read_text())
-    if manifest.get("kind") != "cast-bridged":
+    if not is_kind(manifest, BRIDGED_KIND):
         raise BridgeError(f"{f} is not a CAST bridged manifest")
     return manifest
 

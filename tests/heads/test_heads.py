@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import heads.run as run_mod
+import storage
 from heads.headset import load_heads
 from heads.run import TrainHeadsConfig, run_train_heads
 from tests.heads.synth import build
@@ -141,3 +142,14 @@ def test_index_and_artifacts_are_safetensors_and_json(linear_set, tmp_path):
     assert set(files) == {".json", ".safetensors"}
     index = json.loads((tmp_path / "h" / "index.json").read_text())
     assert index["inputs"]["source"]["model"] == "src" and index["inputs"]["layermap"] == {"0": 0}
+
+
+def test_an_index_under_the_old_kind_name_still_loads(linear_set, tmp_path):
+    run_train_heads(TrainHeadsConfig(**linear_set, out=str(tmp_path / "h"), workers=0, kinds="ridge"), progress=False)
+    index = json.loads((tmp_path / "h" / "index.json").read_text())
+    assert index["kind"] == "cast.heads"
+    (tmp_path / "h" / "index.json").write_text(json.dumps({**index, "kind": "cast-heads"}))  # as older releases wrote
+    assert len(load_heads(tmp_path / "h").entries(kind="ridge")) == 2
+    (tmp_path / "h" / "index.json").write_text(json.dumps({**index, "kind": "cast.alignment"}))
+    with pytest.raises(storage.StoreError, match="not a CAST head index"):
+        load_heads(tmp_path / "h")

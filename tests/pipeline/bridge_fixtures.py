@@ -10,6 +10,7 @@ from heads.modules import HeadConfig, ProjectionHead
 from pipeline.assemble.bridge import IN_SITE, out_site
 from pipeline.cache.hooks import get_layer_list, site_dim
 from pipeline.cache.models import load_model
+from storage.artifacts import HEADS_KIND
 
 
 def identity_heads(root: Path, model_name: str, kind: str, sites: list[str]) -> Path:
@@ -35,7 +36,7 @@ def identity_heads(root: Path, model_name: str, kind: str, sites: list[str]) -> 
                 (root / name).parent.mkdir(parents=True, exist_ok=True)
                 head.save(root / name, {"spec": spec, "hash": "x", "metrics": {}})
                 heads.append({"name": name, "spec": spec, "hash": "x", "metrics": {}})
-    index = {"kind": "cast-heads", "version": 1, "heads": heads,
+    index = {"kind": HEADS_KIND, "version": 1, "heads": heads,
              "inputs": {"source": ident, "target": ident, "layermap": {str(i): i for i in range(n)}}}
     (root / "index.json").write_text(json.dumps(index))
     return root

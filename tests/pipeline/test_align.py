@@ -8,7 +8,8 @@ import pytest
 import storage
 from tests.pipeline.align_stores import build
 from jobs import cli_align
-from pipeline.align.pairs import AlignConfig, align_offsets, load_alignment, match_ends, run_align
+from pipeline.align.pairs import AlignConfig, align_offsets, match_ends, run_align
+from storage.artifacts import load_alignment
 from storage.layout import StoreError
 
 

@@ -7,8 +7,9 @@ import pytest
 import storage
 from jobs import cli_align
 from pipeline.align.pairs import AlignConfig, run_align
-from pipeline.align.layermap import (LayermapConfig, cka_matrix, linear_cka, load_layermap, monotone_assignment,
-                               norm_ratio, relative_depth, sink_rows, run_layermap)
+from pipeline.align.layermap import (LayermapConfig, cka_matrix, linear_cka, monotone_assignment, norm_ratio,
+                                     relative_depth, run_layermap, sink_rows)
+from storage.artifacts import load_layermap
 from storage.layout import StoreError
 from tests.pipeline.align_stores import build
 
@@ -142,7 +143,7 @@ def test_cross_model_layermap_artifact(stores, aligned, tmp_path, capsys):
     assert (tmp_path / "lm" / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
     # The held/streamed choice must not change the matrix: recompute with roles swapped.
     src, tgt = storage.open_store(stores["llama"]), storage.open_store(stores["gemma"])
-    from pipeline.align.pairs import load_alignment
+    from storage.artifacts import load_alignment
     r_s, r_t = load_alignment(aligned["cross"]).sample(4096, seed=0)
     swapped, keep = cka_matrix(tgt, src, "resid", r_t, r_s, standardize=True, outlier_norm=10.0)
     assert np.allclose(swapped, lm.cka.T, atol=1e-6) and keep.sum() == lm.n_pairs
