@@ -194,7 +194,7 @@ class Methods:
 
         path = self.work / f"extract-{rep}.zarr"
         create_store(path, self.meta)
-        self.worker.store = path
+        self.worker.retarget(path)
         t0 = time.perf_counter()
         for unit in self.plan.units:
             self.worker.run(unit)
@@ -286,7 +286,7 @@ class Methods:
         import ray
 
         actor = self._ensure_ray()
-        ray.get(actor.set_store.remote(str(path)))
+        ray.get(actor.call.remote("retarget", str(path)))
         t0 = time.perf_counter()
         for unit in self.plan.units:  # one actor, units in turn: the Ray path's steady state
             ray.get(actor.run.remote(unit))
@@ -297,21 +297,17 @@ class Methods:
 
     def _ensure_ray(self):
         if self._ray_actor is None:
-            from pipeline.cache.extract import _RayExtractor
-            from pipeline.raytools import ray_session
+            from pipeline.cache.extract import Extractor
+            from runtime.cluster import ray_session
+            from runtime.work import remote_workers
 
             self._ray_cm = ray_session(None)
             ray = self._ray_cm.__enter__()
-
-            class _BenchRayExtractor(_RayExtractor):
-                def set_store(self, path):
-                    self.store = Path(path)
-
             threads = max(1, int(ray.cluster_resources().get("CPU", 1)))
-            remote = ray.remote(num_cpus=threads)(_BenchRayExtractor)
-            self._ray_actor = remote.remote(threads, self.cfg.model, str(self.work / "unused.zarr"), self.layers,
-                                            self.sites, self.cfg.dtype, self.cfg.batch_tokens, None)
-            ray.get(self._ray_actor.set_store.remote(str(self.work / "unused.zarr")))  # model loaded
+            args = (self.cfg.model, str(self.work / "unused.zarr"), self.layers, self.sites, self.cfg.dtype,
+                    self.cfg.batch_tokens, None)
+            self._ray_actor = remote_workers(ray, Extractor, args, 1, threads)[0]
+            ray.get(self._ray_actor.call.remote("retarget", str(self.work / "unused.zarr")))  # model loaded
         return self._ray_actor
 
     def close(self):

@@ -14,6 +14,7 @@ import storage
 from heads.headset import INDEX
 from heads.modules import KINDS, artifact_paths
 from heads.train import HeadSpec, fit_head
+from runtime.work import run_items
 from storage.artifacts import HEADS_KIND, load_alignment, load_layermap
 from storage.files import atomic_write_text, sha256_bytes
 from storage.identity import IDENTITY_FIELDS, store_identity
@@ -133,6 +134,21 @@ def train_and_save(spec: HeadSpec, paths: dict, opts: dict, digest: str, out: st
     return {"name": spec.name, "spec": asdict(spec), "hash": digest, "metrics": metrics}
 
 
+class HeadTrainer:
+    """The worker `run_items` hands heads to: holds nothing between heads, so any worker
+    can take any head, and a retried head starts from the stores again."""
+
+    def __init__(self, paths: dict, opts: dict, out: str):
+        self.paths, self.opts, self.out = paths, opts, out
+
+    def run(self, item: tuple[HeadSpec, str]) -> dict:
+        spec, digest = item
+        return train_and_save(spec, self.paths, self.opts, digest, self.out)
+
+    def flush(self) -> None:
+        pass  # every head is saved before run() returns
+
+
 def _done(out: Path, spec: HeadSpec, digest: str) -> dict | None:
     weights, meta_file = artifact_paths(out / spec.name)
     if meta_file.exists() and weights.exists():
@@ -162,56 +178,17 @@ def run_train_heads(cfg: TrainHeadsConfig, progress: bool = True) -> dict:
             todo.append((spec, digest))
     print(f"[cast] {len(specs)} heads: {len(specs) - len(todo)} up to date, {len(todo)} to train", file=sys.stderr)
     bar = tqdm(total=len(todo), unit="head", desc="train-heads", disable=not progress, file=sys.stderr)
-    attempts: dict[str, int] = {}
     t0 = time.perf_counter()
 
-    def failed(spec, digest, err) -> bool:
-        attempts[spec.name] = attempts.get(spec.name, 0) + 1
-        if attempts[spec.name] > cfg.max_retries:
-            raise RuntimeError(f"head {spec.name} failed {attempts[spec.name]} times; last error: {err}") from err
-        print(f"[cast] head {spec.name} failed ({type(err).__name__}: {err}); retry "
-              f"{attempts[spec.name]}/{cfg.max_retries}", file=sys.stderr)
-        return True
+    def finished(item, res) -> None:
+        results[item[0].name] = res
+        bar.update(1)
 
-    if cfg.workers == 0:
-        queue = list(todo)
-        while queue:
-            spec, digest = queue.pop(0)
-            try:
-                res = train_and_save(spec, paths, {**run_opts, "threads": torch.get_num_threads()}, digest, cfg.out)
-            except Exception as err:  # noqa: BLE001 - counted and retried, re-raised past max_retries
-                failed(spec, digest, err)
-                queue.append((spec, digest))
-                continue
-            results[spec.name] = res
-            bar.update(1)
-    elif todo:
-        from pipeline.raytools import ray_session
-
-        with ray_session(cfg.address) as ray:
-            task = ray.remote(num_cpus=1, max_retries=0)(train_and_save)
-            pending = {}
-            queue = list(todo)
-
-            def submit(item):
-                spec, digest = item
-                pending[task.remote(spec, paths, {**run_opts, "threads": 1}, digest, cfg.out)] = item
-
-            while queue and len(pending) < cfg.workers:
-                submit(queue.pop(0))
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                item = pending.pop(ready[0])
-                try:
-                    res = ray.get(ready[0])
-                except Exception as err:  # noqa: BLE001 - task errors and worker crashes alike
-                    failed(*item, err)
-                    queue.append(item)
-                else:
-                    results[item[0].name] = res
-                    bar.update(1)
-                while queue and len(pending) < cfg.workers:
-                    submit(queue.pop(0))
+    # One CPU per Ray worker (heads are many and small); in-process, torch's own threads.
+    threads = torch.get_num_threads() if cfg.workers == 0 else 1
+    run_items(todo, HeadTrainer, (paths, {**run_opts, "threads": threads}, cfg.out), workers=cfg.workers,
+              address=cfg.address, cpus_per_worker=1, retries=cfg.max_retries,
+              label=lambda item: f"head {item[0].name}", on_result=finished)
     bar.close()
     index = {"kind": HEADS_KIND, "version": 1, "inputs": inputs, "options": opts,
              "paths": paths, "layermap_path": cfg.layermap,

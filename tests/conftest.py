@@ -38,7 +38,7 @@ def corpus_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray for the session, bound to loopback; stages reuse it."""
-    from pipeline.raytools import start_local_ray
+    from runtime.cluster import start_local_ray
 
     ray = start_local_ray(num_cpus=2, log_to_driver=False)
     yield ray

@@ -21,6 +21,7 @@ from pipeline.cache.corpus import load_corpus, segment, segmentation_hash
 from pipeline.cache.hooks import capture, parse_layers, parse_sites, run_to_deepest, site_dim
 from pipeline.cache.models import load_model, load_tokenizer, resolve
 from storage.layout import FORMAT_VERSION, STORAGE_DTYPES, StoreError, encode
+from runtime.work import run_items
 from storage.writer import clean_leftovers, committed_units, create_store, write_unit
 
 CODE_VERSION = "cast-0.1.0"
@@ -140,6 +141,11 @@ class Extractor:
         self.overlap_writes = True  # commit each unit on a writer thread while the next is forwarded
         self._writer: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
+
+    def retarget(self, store: str | Path) -> None:
+        """Commit the next units into another store (made with the same plan and settings)."""
+        self.flush()
+        self.store = Path(store)
 
     def _batches(self, lengths: list[int]):
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # longest first: less padding
@@ -326,36 +332,13 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> dict:
     bar = tqdm(total=todo, unit="tok", desc=f"extract {meta['model']['name']}", disable=not progress,
                file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
     t0 = time.perf_counter()
-    if not pending:
-        pass
-    elif cfg.workers == 0:
-        worker = Extractor(*args)
-        for unit in pending:
-            bar.update(worker.run(unit)["tokens"])
-        worker.flush()
-    else:
-        from pipeline.raytools import ray_session
-
-        with ray_session(cfg.address) as ray:
-            from ray.util import ActorPool
-
-            threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // cfg.workers)
-            remote = ray.remote(num_cpus=threads, num_gpus=cfg.gpus_per_worker)(_RayExtractor)
-            actors = [remote.remote(threads, *args) for _ in range(min(cfg.workers, len(pending)))]
-            pool = ActorPool(actors)
-            for res in pool.map_unordered(lambda a, u: a.run.remote(u), pending):
-                bar.update(res["tokens"])
-            ray.get([a.flush.remote() for a in actors])
+    # No retries: a unit that fails ends the run; committed units stay and a re-run resumes.
+    run_items(pending, Extractor, args, workers=cfg.workers, address=cfg.address,
+              gpus_per_worker=cfg.gpus_per_worker, label=lambda unit: f"unit {unit.unit}",
+              on_result=lambda unit, res: bar.update(res["tokens"]))
     bar.close()
     seconds = time.perf_counter() - t0
     return {"store": cfg.out, "units": len(plan.units), "skipped": len(done), "tokens": total,
             "extracted_tokens": todo, "seconds": seconds,
             "tokens_per_s": todo / seconds if seconds > 0 and todo else 0.0}
 
-
-class _RayExtractor(Extractor):
-    """Extractor as a Ray actor: torch gets exactly the CPUs Ray reserved for it."""
-
-    def __init__(self, threads: int, *args):
-        torch.set_num_threads(threads)
-        super().__init__(*args)
