@@ -241,7 +241,7 @@ class Methods:
         return time.perf_counter() - t0
 
     def naive(self, rep: int) -> float:
-        from pipeline.cache.hooks import _ATTN_NAMES, _MLP_NAMES, _child, get_layer_list
+        from pipeline.cache.hooks import get_layer_list, input_module
 
         model = self.lm.model
         out = self.work / f"naive-{rep}"
@@ -252,7 +252,7 @@ class Methods:
         handles = []
         for layer in self.layers:
             for site in hooked:
-                mod = _child(blocks[layer], _ATTN_NAMES if site == "attn_in" else _MLP_NAMES, site)
+                mod = input_module(blocks[layer], site)
                 handles.append(mod.register_forward_pre_hook(
                     lambda m, a, k, site=site: got[site].append(a[0] if a else k["hidden_states"]),
                     with_kwargs=True))

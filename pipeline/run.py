@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.assemble.bridge import IN_SITE, out_site
+from pipeline.cache.hooks import lora_sites
 
 
 @dataclass
@@ -54,10 +54,6 @@ class RunConfig:
     """Ray cluster address; default: a local Ray on 127.0.0.1."""
 
 
-def lora_sites(targets: list[str]) -> list[str]:
-    return list(dict.fromkeys([IN_SITE[t] for t in targets] + [out_site(t) for t in targets]))
-
-
 def _stage(name: str):
     print(f"\n[cast run] === {name} ===", file=sys.stderr)
     return time.perf_counter()
@@ -69,7 +65,8 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict:
     from pipeline.align.pairs import AlignConfig, run_align
     from pipeline.cache.extract import ExtractConfig, run_extract
     from pipeline.align.layermap import LayermapConfig, run_layermap
-    from pipeline.lora.train import LoraTrainConfig, parse_targets, train_lora
+    from pipeline.lora.adapters import parse_targets
+    from pipeline.lora.train import LoraTrainConfig, train_lora
     from pipeline.assemble.validate import ValidateConfig, format_report, run_validate
     from storage.check import verify
 

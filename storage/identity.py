@@ -53,4 +53,4 @@ def check_identity(recorded: dict, store: ActivationStore, role: str, artifact: 
         raise StoreError(
             f"{artifact} was made for another {role} store (recorded {recorded.get('path')}):\n  "
             + "\n  ".join(diffs)
-            + f"\nRe-run `cast align` on the stores you mean to use, then pass its output.")
+            + "\nRe-run `cast align` on the stores you mean to use, then pass its output.")

@@ -20,20 +20,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from heads.modules import ProjectionHead
-from pipeline.cache.hooks import get_layer_list
+from pipeline.cache.hooks import IN_SITE, find_linear, get_layer_list
 
-# Which site carries each LoRA-able module's input and output (DESIGN §8 targets).
-IN_SITE = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "gate_proj": "mlp_in",
-           "up_proj": "mlp_in", "o_proj": "o_proj.in", "down_proj": "down_proj.in"}
 _KEY = re.compile(r"layers\.(\d+)\..*?([a-z_]+_proj)\.lora_([AB])\.weight$")
 
 
 class BridgeError(ValueError):
     """An adapter or head set that cannot be bridged; the message says what to do."""
-
-
-def out_site(module: str) -> str:
-    return f"{module}.out"
 
 
 @dataclass
@@ -127,13 +120,6 @@ class SiteBridge(nn.Module):
 
     def hook(self, module, args, output):
         return output + self.delta(args[0], output)
-
-
-def find_linear(block: nn.Module, name: str) -> nn.Linear:
-    for child_name, module in block.named_modules():
-        if child_name.split(".")[-1] == name:
-            return module
-    raise BridgeError(f"target block {type(block).__name__} has no module {name}")
 
 
 def attach(model: nn.Module, bridges: dict[tuple[int, str], SiteBridge]) -> list:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from heads.headset import INDEX, HeadSet, load_heads
-from pipeline.assemble.bridge import (IN_SITE, BridgeError, SiteBridge, assign_layers, attach, out_site, read_lora)
+from pipeline.assemble.bridge import BridgeError, SiteBridge, assign_layers, attach, read_lora
+from pipeline.cache.hooks import IN_SITE, out_site
 from storage.artifacts import BRIDGED_KIND, is_kind
 from storage.files import atomic_path
 
@@ -54,7 +55,7 @@ def needed_heads(modules: list[str], kind: str) -> list[tuple[str, str]]:
 
 
 def check_adapter(adapter: str, lw, hs: HeadSet, kind: str) -> None:
-    from pipeline.lora.train import read_adapter_meta
+    from pipeline.lora.adapters import read_adapter_meta
 
     meta = read_adapter_meta(adapter)
     if meta is not None and meta["base"]["weights_hash"] != hs.source["weights_hash"]:

@@ -88,7 +88,7 @@ def _ensure_retrained(cfg: ValidateConfig, meta: dict, target_name: str, task, o
 
 def run_validate(cfg: ValidateConfig, progress: bool = True) -> dict:
     from pipeline.lora.evaluate import evaluate_model
-    from pipeline.lora.train import load_adapter, read_adapter_meta
+    from pipeline.lora.adapters import load_adapter, read_adapter_meta
     from pipeline.cache.models import load_model
     from pipeline.lora.tasks import load_task
     from pipeline.assemble.transfer import TransferConfig, load_bridged, run_transfer

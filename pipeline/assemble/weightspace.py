@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.assemble.bridge import LoraWeights, assign_layers, find_linear, read_lora
-from pipeline.cache.hooks import get_layer_list
+from pipeline.assemble.bridge import LoraWeights, assign_layers, read_lora
+from pipeline.cache.hooks import find_linear, get_layer_list
 
 
 def project_update(d_ws: torch.Tensor, w_s: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 import storage
 from pipeline.cache.corpus import load_corpus, segment, segmentation_hash
 from pipeline.cache.hooks import capture, parse_layers, parse_sites, run_to_deepest, site_dim
-from pipeline.cache.models import load_model, load_tokenizer, resolve
+from pipeline.cache.models import load_model, load_tokenizer, model_identity, resolve
 from storage.layout import FORMAT_VERSION, STORAGE_DTYPES, StoreError, encode
 from runtime.work import run_items
 from storage.writer import clean_leftovers, committed_units, create_store, write_unit
@@ -267,22 +267,8 @@ def prepare(cfg: ExtractConfig):
     layers = parse_layers(cfg.layers, lm_cfg.num_hidden_layers)
     sites = parse_sites(cfg.sites)
     dims = {s: site_dim(skeleton, s) for s in sites}
-    info = _identity(cfg.model)
+    info = model_identity(cfg.model, tokenizer)
     return corpus, plan, store_meta(cfg, info, corpus, plan, layers, sites, dims)
-
-
-def _identity(model: str) -> dict:
-    path, recorded = resolve(model)
-    tok = load_tokenizer(model)
-    from storage.files import sha256_file
-
-    tok_file = Path(path) / "tokenizer.json" if isinstance(path, Path) else None
-    return {
-        "name": (recorded or {}).get("name", str(model)),
-        "weights_hash": (recorded or {}).get("weights_hash", ""),
-        "tokenizer_hash": (recorded or {}).get("tokenizer_hash")
-        or (sha256_file(tok_file) if tok_file and tok_file.exists() else tok.name_or_path),
-    }
 
 
 def open_or_create(cfg: ExtractConfig, meta: dict) -> set[int]:

@@ -7,6 +7,9 @@ Sites (per decoder layer):
     mlp_in         the normalised input of the MLP
     <linear>.in    the input of a named linear module (q_proj, k_proj, v_proj, o_proj,
     <linear>.out   gate_proj, up_proj, down_proj), and its output
+
+A LoRA on a linear module is bridged at two sites: the one carrying the module's input
+(IN_SITE) and the module's output (out_site).
 """
 from __future__ import annotations
 
@@ -21,6 +24,20 @@ BLOCK_SITES = ("resid", "attn_in", "mlp_in")
 ALL_SITES = BLOCK_SITES + tuple(f"{m}.{d}" for m in LINEARS for d in ("in", "out"))
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn")
+# The site that carries each LoRA-able module's input: q/k/v read the attention's
+# normalised input, gate/up the MLP's, o/down their own input.
+IN_SITE = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "gate_proj": "mlp_in",
+           "up_proj": "mlp_in", "o_proj": "o_proj.in", "down_proj": "down_proj.in"}
+
+
+def out_site(module: str) -> str:
+    """The site that carries a linear module's output."""
+    return f"{module}.out"
+
+
+def lora_sites(modules: list[str]) -> list[str]:
+    """Every site a LoRA on `modules` is bridged at: their input sites, then their output sites."""
+    return list(dict.fromkeys([IN_SITE[m] for m in modules] + [out_site(m) for m in modules]))
 
 
 class SiteError(ValueError):
@@ -42,14 +59,17 @@ def get_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return (exact or sorted(lists, key=lambda x: -len(x[1])))[0]
 
 
-def _child(block: nn.Module, names: tuple[str, ...], what: str) -> nn.Module:
+def input_module(block: nn.Module, site: str) -> nn.Module:
+    """The attention (attn_in) or MLP (mlp_in) submodule whose input a block site is."""
+    names = _ATTN_NAMES if site == "attn_in" else _MLP_NAMES
     for name in names:
         if hasattr(block, name):
             return getattr(block, name)
-    raise SiteError(f"{type(block).__name__} has no {what} submodule (looked for {', '.join(names)})")
+    raise SiteError(f"{type(block).__name__} has no {site} submodule (looked for {', '.join(names)})")
 
 
-def _linear(block: nn.Module, name: str) -> nn.Module:
+def find_linear(block: nn.Module, name: str) -> nn.Module:
+    """A block's linear module by its last name (q_proj, down_proj, ...), wherever it nests."""
     for child_name, module in block.named_modules():
         if child_name.split(".")[-1] == name:
             return module
@@ -62,7 +82,7 @@ def site_dim(model: nn.Module, site: str) -> int:
     if site in BLOCK_SITES:
         return model.config.hidden_size
     name, direction = site.split(".")
-    lin = _linear(layers[0], name)
+    lin = find_linear(layers[0], name)
     return lin.in_features if direction == "in" else lin.out_features
 
 
@@ -123,12 +143,12 @@ def capture(model: nn.Module, layers: list[int], sites: list[str], sink=None):
         for site in sites:
             key = (layer, site)
             if site == "attn_in" or site == "mlp_in":
-                mod = _child(block, _ATTN_NAMES if site == "attn_in" else _MLP_NAMES, site)
+                mod = input_module(block, site)
                 handles.append(mod.register_forward_pre_hook(
                     lambda m, a, k, key=key: keep(key, first_input(a, k)), with_kwargs=True))
             elif site != "resid":
                 name, direction = site.split(".")
-                mod = _linear(block, name)
+                mod = find_linear(block, name)
                 if direction == "in":
                     handles.append(mod.register_forward_pre_hook(lambda m, a, key=key: keep(key, a[0])))
                 else:

@@ -7,19 +7,19 @@ GGUF's hash, and from then on loaded from that checkpoint in well under a second
 """
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pipeline.cache import cache_dir
+from pipeline.cache.checkpoint import INFO_FILE, read_info, tokenizer_hash, write_info
 from storage.files import atomic_path, sha256_file
 from pipeline.cache.tiny import TINY_PRESETS, build_tiny
 
@@ -67,7 +67,6 @@ REGISTRY: dict[str, RealModel] = {
 
 DEFAULT_SOURCE = "smollm2-135m"
 DEFAULT_TARGET = "gemma3-270m"
-INFO_FILE = "cast_model.json"
 
 
 @dataclass(frozen=True)
@@ -183,33 +182,17 @@ def fetch_model(name: str) -> Path:
     return final
 
 
-def write_info(path: Path, name: str, weights_hash: str) -> dict:
-    """Record identity beside the checkpoint so loading never rehashes gigabytes."""
-    tok_file = path / "tokenizer.json"
-    cfg = json.loads((path / "config.json").read_text())
-    info = {
-        "name": name,
-        "weights_hash": weights_hash,
-        "tokenizer_hash": sha256_file(tok_file) if tok_file.exists() else "",
-        "arch": cfg.get("model_type", "?"),
-        "num_layers": cfg.get("num_hidden_layers"),
-        "hidden_size": cfg.get("hidden_size"),
-    }
-    (path / INFO_FILE).write_text(json.dumps(info, indent=2))
-    return info
-
-
 def resolve(name_or_path: str) -> tuple[Path | str, dict | None]:
     """Map a user's --model value to a directory (or a hub id) and its recorded identity."""
     if name_or_path in REGISTRY or name_or_path in TINY_PRESETS:
         path = fetch_model(name_or_path)
-        return path, json.loads((path / INFO_FILE).read_text())
+        return path, read_info(path)
     p = Path(name_or_path).expanduser()
     if p.is_dir():
         if not (p / "config.json").exists():
             raise ModelError(f"{p} is a directory but has no config.json: not a Hugging Face model directory")
         if (p / INFO_FILE).exists():
-            return p, json.loads((p / INFO_FILE).read_text())
+            return p, read_info(p)
         weights = sorted(p.glob("*.safetensors")) or sorted(p.glob("*.bin"))
         if not weights:
             raise ModelError(f"{p} has no *.safetensors weights")
@@ -240,13 +223,11 @@ def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype 
     cfg = model.config
     if info is None:
         info = {"name": str(name_or_path), "weights_hash": f"hub:{getattr(cfg, '_commit_hash', '')}"}
-    tok_file = Path(path) / "tokenizer.json" if isinstance(path, Path) else None
     mi = ModelInfo(
         name=info["name"],
         path=str(path),
         weights_hash=info["weights_hash"],
-        tokenizer_hash=info.get("tokenizer_hash")
-        or (sha256_file(tok_file) if tok_file is not None and tok_file.exists() else tok.name_or_path),
+        tokenizer_hash=tokenizer_hash(path, info, tok),
         arch=cfg.model_type,
         num_layers=cfg.num_hidden_layers,
         hidden_size=cfg.hidden_size,
@@ -267,5 +248,11 @@ def load_tokenizer(name_or_path: str):
     return tok
 
 
-def model_info_dict(info: ModelInfo) -> dict:
-    return asdict(info)
+def model_identity(name_or_path: str, tokenizer=None) -> dict:
+    """Name, weights hash and tokenizer hash of a model, without loading its weights."""
+    path, recorded = resolve(name_or_path)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(name_or_path)
+    recorded = recorded or {}
+    return {"name": recorded.get("name", str(name_or_path)), "weights_hash": recorded.get("weights_hash", ""),
+            "tokenizer_hash": tokenizer_hash(path, recorded, tok)}
+

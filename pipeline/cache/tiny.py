@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from pipeline.cache import cache_dir
+from pipeline.cache.checkpoint import INFO_FILE, write_info
 from storage.files import atomic_path, sha256_file
 
 # Bumped whenever a preset's construction changes, so stale cached builds are not reused.
@@ -107,8 +108,6 @@ TINY_PRESETS = {
 def build_tiny(name: str) -> Path:
     """Build (once per TINY_VERSION) and return the checkpoint dir of a tiny preset."""
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    from pipeline.cache.models import INFO_FILE, write_info
 
     final = cache_dir() / "models" / f"{name}-v{TINY_VERSION}"
     if (final / INFO_FILE).exists():

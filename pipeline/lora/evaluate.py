@@ -186,7 +186,7 @@ def check_overlap(task: Task, examples: list[Example], adapter_meta: dict | None
 
 def run_evaluate(cfg: EvalConfig, progress: bool = True) -> EvalResult:
     """What `cast evaluate` does: load, optionally apply the adapter, score, write JSON."""
-    from pipeline.lora.train import check_adapter_base, load_adapter
+    from pipeline.lora.adapters import check_adapter_base, load_adapter
     from pipeline.cache.models import load_model
 
     if cfg.threads:

@@ -2,8 +2,7 @@
 
 The directory holds exactly what `peft.PeftModel.from_pretrained(base, DIR)` reads
 (adapter_config.json + adapter_model.safetensors), plus:
-    cast_lora.json   the base model's identity, the task and the recipe, so later stages
-                     can refuse an adapter that does not belong to their model
+    cast_lora.json   the base model's identity, the task and the recipe (see adapters.py)
     loss.json/.png   the training loss curve
 """
 from __future__ import annotations
@@ -18,16 +17,10 @@ from pathlib import Path
 
 import torch
 
-from storage.files import atomic_path
-from pipeline.cache.models import LoadedModel, ModelInfo, load_model
+from pipeline.cache.models import LoadedModel, load_model
+from pipeline.lora.adapters import CAST_FILE, LoraError, parse_targets
 from pipeline.lora.tasks import Example, Task, load_task, prompt_key
-
-ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-CAST_FILE = "cast_lora.json"
-
-
-class LoraError(ValueError):
-    """A LoRA recipe or adapter directory that cannot be used; the message says why."""
+from storage.files import atomic_path
 
 
 @dataclass
@@ -82,16 +75,6 @@ class LoraTrainResult:
     """Loss at every step."""
     model: object | None = None
     """The in-memory PeftModel when train_lora(keep=True); None otherwise."""
-
-
-def parse_targets(spec: str) -> list[str]:
-    names = [t.strip() for t in spec.split(",") if t.strip()]
-    if names == ["all"]:
-        return list(ALL_TARGETS)
-    if not names or "all" in names:
-        raise LoraError(f"--targets {spec!r}: give comma-separated module names (e.g. q_proj,v_proj) "
-                        f"or 'all'")
-    return names
 
 
 def _check_targets(model: torch.nn.Module, targets: list[str], model_name: str) -> None:
@@ -293,33 +276,3 @@ def _train_and_save(cfg, task, lm, model, targets, out, progress) -> LoraTrainRe
     return LoraTrainResult(str(out), final, seconds, n_train, losses)
 
 
-def read_adapter_meta(adapter_dir: str | Path) -> dict | None:
-    """cast_lora.json of an adapter, or None for a plain PEFT adapter from elsewhere."""
-    d = Path(adapter_dir)
-    if not (d / "adapter_config.json").is_file():
-        raise LoraError(f"--adapter {d}: no adapter_config.json; expected a PEFT adapter directory "
-                        f"(written by `cast lora train` or peft's save_pretrained)")
-    f = d / CAST_FILE
-    return json.loads(f.read_text()) if f.is_file() else None
-
-
-def check_adapter_base(adapter_dir: str | Path, info: ModelInfo) -> dict | None:
-    """Refuse an adapter trained on a different base model (by weights hash)."""
-    meta = read_adapter_meta(adapter_dir)
-    if meta is None:
-        print(f"[cast] {adapter_dir} has no {CAST_FILE}: cannot check it was trained on "
-              f"{info.name}; using it as is", file=sys.stderr)
-        return None
-    base = meta["base"]
-    if base["weights_hash"] != info.weights_hash:
-        raise LoraError(f"--adapter {adapter_dir} was trained on {base['name']} (weights "
-                        f"{base['weights_hash'][:12]}), but --model is {info.name} (weights "
-                        f"{info.weights_hash[:12]}); pass the adapter's own base model")
-    return meta
-
-
-def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Module:
-    """Plain PEFT loading, in eval mode."""
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(model, str(adapter_dir)).eval()

@@ -7,8 +7,7 @@ from pathlib import Path
 import torch
 
 from heads.modules import HeadConfig, ProjectionHead
-from pipeline.assemble.bridge import IN_SITE, out_site
-from pipeline.cache.hooks import get_layer_list, site_dim
+from pipeline.cache.hooks import get_layer_list, lora_sites, site_dim
 from pipeline.cache.models import load_model
 from storage.artifacts import HEADS_KIND
 
@@ -57,4 +56,4 @@ def random_adapter(root: Path, model_name: str, targets: list[str], zero: bool =
 
 
 def sites_for(targets: list[str]) -> list[str]:
-    return sorted({IN_SITE[t] for t in targets} | {out_site(t) for t in targets})
+    return sorted(lora_sites(targets))

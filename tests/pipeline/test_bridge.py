@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.assemble.bridge import BridgeError, assign_layers
-from pipeline.lora.train import ALL_TARGETS, load_adapter
+from pipeline.lora.adapters import ALL_TARGETS, load_adapter
 from pipeline.cache.models import load_model
 from pipeline.assemble.transfer import TransferConfig, load_bridged, run_transfer
 from tests.pipeline.bridge_fixtures import identity_heads, random_adapter, sites_for

@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.lora.train import (CAST_FILE, LoraError, LoraTrainConfig, answer_loss, check_adapter_base,
-                           collate, encode_pairs, load_adapter, parse_targets, train_lora)
-from pipeline.lora.evaluate import evaluate_model
 from pipeline.cache.models import load_model
+from pipeline.lora.adapters import CAST_FILE, LoraError, check_adapter_base, load_adapter, parse_targets
+from pipeline.lora.evaluate import evaluate_model
 from pipeline.lora.tasks import Example, Task
+from pipeline.lora.train import LoraTrainConfig, answer_loss, collate, encode_pairs, train_lora
 
 WORDS = "the a of and to in is was for on that with as by it at from his her they".split()
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.lora.train import load_adapter
+from pipeline.lora.adapters import load_adapter
 from pipeline.cache.models import load_model
 from pipeline.assemble.validate import paired_ratio_ci
 from pipeline.assemble.weightspace import project_update, weightspace_adapter
