@@ -23,6 +23,16 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
+def _set_field_doc(f: dataclasses.Field) -> str:
+    """A field that only sets a field of another config (metadata "sets", as `cast run`'s
+    flags do) is documented there."""
+    targets = f.metadata.get("sets")
+    if not targets:
+        return ""
+    cls, name = targets[0]
+    return field_docs(cls).get(name, "")
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, positional: tuple[str, ...] = ()) -> None:
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
@@ -32,7 +42,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, positional: tuple[s
         typ = base[0] if base else typ
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-        help_ = docs.get(f.name, "") + ("" if required else f" (default: {default})")
+        help_ = (docs.get(f.name) or _set_field_doc(f)) + ("" if required else f" (default: {default})")
         if f.name in positional:
             parser.add_argument(f.name, type=typ, help=help_)
         elif typ is bool:

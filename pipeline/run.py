@@ -12,10 +12,29 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
+from heads.headset import write_summary
+from heads.run import TrainHeadsConfig, run_train_heads
+from pipeline.align.layermap import LayermapConfig, run_layermap
+from pipeline.align.pairs import AlignConfig, run_align
+from pipeline.assemble.validate import ValidateConfig, format_report, run_validate
+from pipeline.cache.extract import ExtractConfig, run_extract
 from pipeline.cache.hooks import lora_sites
+from pipeline.cache.models import DEFAULT_SOURCE, DEFAULT_TARGET
+from pipeline.lora.adapters import parse_targets
+from pipeline.lora.train import LoraTrainConfig, train_lora
+from storage.check import verify
+
+
+def sets(*targets: tuple[type, str], default=MISSING):
+    """A `cast run` flag that sets these fields of the stage configs. Its default (unless
+    the run gives its own) and its --help (unless a docstring follows it) are the first
+    target's: each is stated once, in the stage that uses it."""
+    cls, name = targets[0]
+    stage_default = next(f.default for f in fields(cls) if f.name == name)
+    return field(default=stage_default if default is MISSING else default, metadata={"sets": targets})
 
 
 @dataclass
@@ -24,34 +43,33 @@ class RunConfig:
 
     out: str = "runs/default"
     """Run directory: every stage's output goes under it; re-running resumes."""
-    source: str = "smollm2-135m"
+    source: str = DEFAULT_SOURCE
     """Source model (the LoRA's base)."""
-    target: str = "gemma3-270m"
+    target: str = DEFAULT_TARGET
     """Target model (receives the transferred LoRA)."""
-    corpus: str = "nlp-corpus"
-    """Generic text corpus: built-in name or a file/directory/glob."""
-    max_tokens: int = 20_000
-    """Tokens extracted per model."""
     tasks: str = "add2,codebook,reverse"
     """Built-in tasks: a source LoRA is trained on each, transferred and validated."""
-    targets: str = "q_proj,v_proj"
+    corpus: str = sets((ExtractConfig, "corpus"))
+    max_tokens: int = sets((ExtractConfig, "max_tokens"))
+    targets: str = sets((LoraTrainConfig, "targets"))
     """Modules the LoRAs adapt (sites extracted and heads trained follow from these)."""
-    rank: int = 8
-    """LoRA rank."""
-    lora_steps: int = 150
+    rank: int = sets((LoraTrainConfig, "rank"))
+    lora_steps: int = sets((LoraTrainConfig, "steps"))
     """LoRA training steps (the retrained target reference uses the same recipe)."""
-    head_epochs: int = 8
-    """Maximum MLP head epochs (early stopping usually ends sooner)."""
-    head_hidden: int = 256
-    """MLP head hidden width."""
-    limit: int = 100
+    head_epochs: int = sets((TrainHeadsConfig, "epochs"), default=8)
+    head_hidden: int = sets((TrainHeadsConfig, "hidden"), default=256)
+    limit: int = sets((ValidateConfig, "limit"), default=100)
     """Test examples per system and task (7 systems are decoded for each task)."""
-    carry: str = "all"
-    """Source LoRA layers carried onto the target: 'all' or 'mapped'."""
-    workers: int = 1
+    carry: str = sets((ValidateConfig, "carry"))
+    workers: int = sets((ExtractConfig, "workers"))
     """Ray extraction actors per model (0: in-process); head training uses 2 tasks."""
-    address: str | None = None
-    """Ray cluster address; default: a local Ray on 127.0.0.1."""
+    address: str | None = sets((ExtractConfig, "address"), (TrainHeadsConfig, "address"))
+
+    def stage(self, cls: type, **given):
+        """The `cls` config of this run: the flags above that set its fields, then `given`."""
+        values = {name: getattr(self, f.name) for f in fields(self)
+                  for target, name in f.metadata.get("sets", ()) if target is cls}
+        return cls(**{**values, **given})
 
 
 def _stage(name: str):
@@ -60,16 +78,6 @@ def _stage(name: str):
 
 
 def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict:
-    from heads.headset import write_summary
-    from heads.run import TrainHeadsConfig, run_train_heads
-    from pipeline.align.pairs import AlignConfig, run_align
-    from pipeline.cache.extract import ExtractConfig, run_extract
-    from pipeline.align.layermap import LayermapConfig, run_layermap
-    from pipeline.lora.adapters import parse_targets
-    from pipeline.lora.train import LoraTrainConfig, train_lora
-    from pipeline.assemble.validate import ValidateConfig, format_report, run_validate
-    from storage.check import verify
-
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
@@ -80,8 +88,8 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict:
         adapter = out / "lora" / task
         if not (adapter / "adapter_model.safetensors").exists():
             t0 = _stage(f"LoRA on {cfg.source}: {task}")
-            train_lora(LoraTrainConfig(model=cfg.source, out=str(adapter), task=task, targets=",".join(targets),
-                                       rank=cfg.rank, steps=cfg.lora_steps, force=True), progress=progress)
+            train_lora(cfg.stage(LoraTrainConfig, model=cfg.source, out=str(adapter), task=task,
+                                 targets=",".join(targets), force=True), progress=progress)
             timings[f"lora {task}"] = time.perf_counter() - t0
 
     sites = ",".join(dict.fromkeys(["resid", *lora_sites(targets)]))
@@ -89,9 +97,7 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict:
     for role, model in (("source", cfg.source), ("target", cfg.target)):
         t0 = _stage(f"extract {role} {model} ({sites})")
         stores[role] = out / f"{role}.zarr"
-        run_extract(ExtractConfig(model=model, out=str(stores[role]), corpus=cfg.corpus, sites=sites,
-                                  max_tokens=cfg.max_tokens, workers=cfg.workers, address=cfg.address),
-                    progress=progress)
+        run_extract(cfg.stage(ExtractConfig, model=model, out=str(stores[role]), sites=sites), progress=progress)
         report = verify(stores[role])
         if not report.ok:
             raise RuntimeError("\n".join(report.lines()))
@@ -108,10 +114,10 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict:
                                     align=str(align), out=str(lmap)))
         timings["layermap"] = time.perf_counter() - t0
     t0 = _stage("train heads")
-    index = run_train_heads(TrainHeadsConfig(src_store=str(stores["source"]), tgt_store=str(stores["target"]),
-                                     align=str(align), layermap=str(lmap), out=str(heads),
-                                     sites=",".join(lora_sites(targets)), epochs=cfg.head_epochs,
-                                     hidden=cfg.head_hidden, workers=2, address=cfg.address), progress=progress)
+    index = run_train_heads(cfg.stage(TrainHeadsConfig, src_store=str(stores["source"]),
+                                      tgt_store=str(stores["target"]), align=str(align), layermap=str(lmap),
+                                      out=str(heads), sites=",".join(lora_sites(targets)), workers=2),
+                            progress=progress)
     write_summary(index, heads)
     timings["train heads"] = time.perf_counter() - t0
 
@@ -122,9 +128,8 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict:
             reports.append(json.loads((dest / "report.json").read_text()))
             continue
         t0 = _stage(f"validate {task}")
-        reports.append(run_validate(ValidateConfig(adapter=str(out / "lora" / task), heads=str(heads),
-                                                   out=str(dest), limit=cfg.limit, carry=cfg.carry),
-                                    progress=progress))
+        reports.append(run_validate(cfg.stage(ValidateConfig, adapter=str(out / "lora" / task), heads=str(heads),
+                                              out=str(dest)), progress=progress))
         timings[f"validate {task}"] = time.perf_counter() - t0
     summary = "\n".join(format_report(r) for r in reports)
     (out / "report.md").write_text(f"# CAST run: {cfg.source} -> {cfg.target}\n\n{summary}")
