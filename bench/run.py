@@ -1,29 +1,4 @@
-"""`cast bench`: extraction against a bare forward pass and a naive dump, head training
-from the store against recomputing the activations, peak memory and bytes per token.
-
-Everything is measured side by side in one run on the same tokens: one plan (the same
-units, the same length-sorted padded batches) feeds every method, the methods run
-interleaved (A, B, C, A, B, C, ...) `--reps` times, and the table reports medians, so a
-noisy shared CPU shifts all methods alike instead of whichever happened to run last.
-
-    python -m bench.run --model smollm2-135m --tokens 8192
-    cast bench --model gemma3-270m --reps 5 --json runs/bench/gemma.json
-
-(a) extract / bare forward    Extractor.run (hooks, stop after the deepest hooked layer,
-                              bf16 encode, stats, zarr write, commit) vs the model's plain
-                              forward over the same batches: with the LM head (`forward`,
-                              what a user runs) and without it (`backbone`, the stricter one).
-                              `hooks` and `extract_no_write` split the gap into its layers.
-(b) extract / naive dump      full forward with output_hidden_states=True for resid and
-                              plain pre-hooks for attn_in/mlp_in, np.save of every site's
-                              real-token values per batch (float32 by default).
-(c) head epoch, store / recompute   one training epoch of one head (the same steps) reading
-                              the pairs from the two stores, vs forwarding both models over
-                              the same tokens to make the pairs first.
-(d) peak RSS at N and 4N      `cast extract --workers 0` in a fresh subprocess each.
-(e) bytes per token           the store's activation bytes on disk vs the raw size of the
-                              stored values (and vs float32).
-"""
+"""`cast bench`: every measurement of bench/__init__.py in one run, and its table."""
 from __future__ import annotations
 
 import json
@@ -707,21 +682,3 @@ def run_bench(cfg: BenchConfig) -> dict:
     result["json"] = str(out)
     return result
 
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from jobs.args import add_dataclass_args, to_dataclass
-
-    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_args(p, BenchConfig)
-    cfg = to_dataclass(BenchConfig, p.parse_args(argv))
-    res = run_bench(cfg)
-    print(res["table"])
-    print(f"\n[bench] JSON: {res['json']}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

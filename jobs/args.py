@@ -55,3 +55,35 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, positional: tuple[s
 
 def to_dataclass(cls, ns: argparse.Namespace):
     return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)})
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One `cast` subcommand, as jobs/cli.py's table lists it."""
+
+    help: str
+    """The line `cast --help` shows."""
+    description: str
+    """What `cast <command> --help` says first."""
+    add_args: typing.Callable[[argparse.ArgumentParser], None] | None = None
+    """Adds the command's flags (config classes are imported here, only when needed)."""
+    run: typing.Callable[[argparse.Namespace], int] | None = None
+    """Runs it; returns the exit status."""
+    subcommands: dict[str, "Command"] | None = None
+    """For a command of commands (`cast lora train`)."""
+    preformatted: bool = False
+    """Keep the description's line breaks (examples, tables)."""
+
+
+def add_command(subparsers, name: str, cmd: Command, dest: str = "command") -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter if cmd.preformatted else argparse.HelpFormatter
+    p = subparsers.add_parser(name, help=cmd.help, description=cmd.description, formatter_class=fmt)
+    if cmd.add_args:
+        cmd.add_args(p)
+    if cmd.subcommands:
+        sub = p.add_subparsers(dest=f"{name}_{dest}", required=True, metavar="SUBCOMMAND")
+        for child, sub_cmd in cmd.subcommands.items():
+            add_command(sub, child, sub_cmd, dest)
+    if cmd.run:
+        p.set_defaults(func=cmd.run)
+    return p

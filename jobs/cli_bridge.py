@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from jobs.args import add_dataclass_args, to_dataclass
+from jobs.args import Command, add_dataclass_args, to_dataclass
 
 
 def cmd_transfer(ns) -> int:
@@ -41,32 +41,43 @@ def cmd_validate(ns) -> int:
     return 0
 
 
-def register(sub) -> None:
+def _transfer_args(p) -> None:
     from pipeline.assemble.transfer import TransferConfig
+
+    add_dataclass_args(p, TransferConfig)
+
+
+def _generate_args(p) -> None:
+    p.add_argument("bridged", help="artifact directory from `cast transfer`")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: 32)")
+    p.add_argument("--device", default=None, help="torch device (default: CUDA when present, else CPU)")
+
+
+def _validate_args(p) -> None:
     from pipeline.assemble.validate import ValidateConfig
 
-    s = sub.add_parser("transfer", help="package a source LoRA + the heads it needs into a bridged artifact",
-                       description="Check that the adapter belongs to the head set's source model and that every "
-                       "module it adapts is covered by heads, then write BRIDGED/ (manifest.json, the adapter(s), "
-                       "the needed heads). Load it with pipeline.assemble.transfer.load_bridged(BRIDGED).")
-    add_dataclass_args(s, TransferConfig)
-    s.set_defaults(func=cmd_transfer)
+    add_dataclass_args(p, ValidateConfig)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    s = sub.add_parser("generate", help="greedy completion from a bridged target model",
-                       description="Load the target model with a bridged artifact applied and print greedy "
-                       "completions of each --prompt.")
-    s.add_argument("bridged", help="artifact directory from `cast transfer`")
-    s.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
-    s.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: 32)")
-    s.add_argument("--device", default=None, help="torch device (default: CUDA when present, else CPU)")
-    s.set_defaults(func=cmd_generate)
 
-    s = sub.add_parser("validate", help="score base / retrained / CAST / ridge CAST / weight-space on a task",
-                       description="Evaluate on the task's held-out test split: target base, target + a LoRA "
-                       "retrained on the target with the source adapter's recipe, target + CAST (mlp and ridge "
-                       "heads), target + weight-space transfer, and source base / source + LoRA. Writes "
-                       "report.json, report.md and report.png with recovery and CAST/retrained ratios "
-                       "(paired bootstrap 95%% intervals).")
-    add_dataclass_args(s, ValidateConfig)
-    s.add_argument("--quiet", action="store_true", help="no progress bars")
-    s.set_defaults(func=cmd_validate)
+TRANSFER = Command(
+    help="package a source LoRA + the heads it needs into a bridged artifact",
+    description="Check that the adapter belongs to the head set's source model and that every module it adapts "
+    "is covered by heads, then write BRIDGED/ (manifest.json, the adapter(s), the needed heads). Load it with "
+    "pipeline.assemble.transfer.load_bridged(BRIDGED).",
+    add_args=_transfer_args, run=cmd_transfer)
+
+GENERATE = Command(
+    help="greedy completion from a bridged target model",
+    description="Load the target model with a bridged artifact applied and print greedy completions of each "
+    "--prompt.",
+    add_args=_generate_args, run=cmd_generate)
+
+VALIDATE = Command(
+    help="score base / retrained / CAST / ridge CAST / weight-space on a task",
+    description="Evaluate on the task's held-out test split: target base, target + a LoRA retrained on the "
+    "target with the source adapter's recipe, target + CAST (mlp and ridge heads), target + weight-space "
+    "transfer, and source base / source + LoRA. Writes report.json, report.md and report.png with recovery and "
+    "CAST/retrained ratios (paired bootstrap 95%% intervals).",
+    add_args=_validate_args, run=cmd_validate)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from jobs.args import add_dataclass_args, to_dataclass
+from jobs.args import Command, add_dataclass_args, to_dataclass
 
 
 def cmd_train_heads(ns) -> int:
@@ -21,16 +21,18 @@ def cmd_train_heads(ns) -> int:
     return 0
 
 
-def register(sub) -> None:
+def _train_heads_args(p) -> None:
     from heads.run import TrainHeadsConfig
 
-    s = sub.add_parser(
-        "train-heads", help="fit encoder/decoder projection heads from the stores (CPU, Ray tasks)",
-        description="For every bridged (source layer, target layer) of the layer map and every site, fit an "
-        "encoder (target -> source space) and a decoder (source -> target space) on aligned token pairs read "
-        "from the two stores. No model is loaded and no GPU is used; each head is an independent task, "
-        "skipped on re-runs when its inputs and config are unchanged. Writes HEADS/<direction>/<site>/*.safetensors "
-        "+ .json, HEADS/index.json, summary.md and r2_by_layer.png.")
-    add_dataclass_args(s, TrainHeadsConfig)
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(func=cmd_train_heads)
+    add_dataclass_args(p, TrainHeadsConfig)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+TRAIN_HEADS = Command(
+    help="fit encoder/decoder projection heads from the stores (CPU, Ray tasks)",
+    description="For every bridged (source layer, target layer) of the layer map and every site, fit an encoder "
+    "(target -> source space) and a decoder (source -> target space) on aligned token pairs read from the two "
+    "stores. No model is loaded and no GPU is used; each head is an independent task, skipped on re-runs when "
+    "its inputs and config are unchanged. Writes HEADS/<direction>/<site>/*.safetensors + .json, "
+    "HEADS/index.json, summary.md and r2_by_layer.png.",
+    add_args=_train_heads_args, run=cmd_train_heads)

@@ -1,11 +1,11 @@
-"""`cast lora train` and `cast evaluate`: registered into the main `cast` parser."""
+"""`cast lora train` and `cast evaluate`: LoRA tooling."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 
-from jobs.args import add_dataclass_args, to_dataclass
+from jobs.args import Command, add_dataclass_args, to_dataclass
 
 TRAIN_HELP = """\
 Train a standard PEFT LoRA on MODEL for a task and write a plain PEFT adapter directory
@@ -57,24 +57,28 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    from pipeline.lora.evaluate import EvalConfig
+def _train_args(p) -> None:
     from pipeline.lora.train import LoraTrainConfig
 
-    fmt = argparse.RawDescriptionHelpFormatter
-    lora = subparsers.add_parser("lora", help="train LoRA adapters (standard PEFT)",
-                                 description="LoRA adapters on either model. See `cast lora train --help`.")
-    lsub = lora.add_subparsers(dest="lora_command", required=True, metavar="SUBCOMMAND")
-    s = lsub.add_parser("train", help="train a LoRA on a task, write a PEFT adapter dir",
-                        description=TRAIN_HELP, formatter_class=fmt)
-    add_dataclass_args(s, LoraTrainConfig)
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(func=cmd_lora_train)
+    add_dataclass_args(p, LoraTrainConfig)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    s = subparsers.add_parser("evaluate", help="exact-match score of a model (+ adapter) on a task",
-                              description=EVAL_HELP, formatter_class=fmt)
-    add_dataclass_args(s, EvalConfig)
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.add_argument("--show", type=int, default=0, metavar="N",
+
+def _evaluate_args(p) -> None:
+    from pipeline.lora.evaluate import EvalConfig
+
+    add_dataclass_args(p, EvalConfig)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--show", type=int, default=0, metavar="N",
                    help="print the first N predictions to stderr (default: 0)")
-    s.set_defaults(func=cmd_evaluate)
+
+
+LORA = Command(
+    help="train LoRA adapters (standard PEFT)",
+    description="LoRA adapters on either model. See `cast lora train --help`.",
+    subcommands={"train": Command(help="train a LoRA on a task, write a PEFT adapter dir", description=TRAIN_HELP,
+                                  add_args=_train_args, run=cmd_lora_train, preformatted=True)})
+
+EVALUATE = Command(
+    help="exact-match score of a model (+ adapter) on a task",
+    description=EVAL_HELP, add_args=_evaluate_args, run=cmd_evaluate, preformatted=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jobs.args import Command
+
 DESCRIPTION = """\
 Run one stage on a Ray cluster as a job: `python -m jobs.<stage> <stage flags>` is
 submitted through the cluster's dashboard (JobSubmissionClient), its logs stream here, and
@@ -55,16 +57,14 @@ def cmd_submit(ns) -> int:
         return EXIT_USAGE
 
 
-def register(sub) -> None:
-    s = sub.add_parser("submit", help="run a stage on a Ray cluster as a job; stream its logs; exit with its status",
-                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _submit_args(s: argparse.ArgumentParser) -> None:
     # One REMAINDER positional for STAGE and what follows: argparse would otherwise drop a
     # `--` right after STAGE, and the stage's flags could no longer be told from ours.
     s.add_argument("rest", nargs=argparse.REMAINDER, metavar="STAGE [OPTIONS] -- FLAGS",
                    help="the stage to run (extract, align, layermap, train-heads, validate, run: any `cast` "
                    "subcommand with a jobs/<stage>.py entrypoint), then `--` and the flags of `cast STAGE`")
     add_options(s)
-    s.set_defaults(func=cmd_submit, options=add_options(argparse.ArgumentParser(add_help=False)))
+    s.set_defaults(options=add_options(argparse.ArgumentParser(add_help=False)))
 
 
 def add_options(s: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -94,3 +94,8 @@ def add_options(s: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="GPUs (default: 0; for extract --workers 0, its --gpus-per-worker)")
     g.add_argument("--memory", metavar="BYTES", help="memory to reserve, bytes or 8G/512M (default: none)")
     return s
+
+
+SUBMIT = Command(
+    help="run a stage on a Ray cluster as a job; stream its logs; exit with its status",
+    description=DESCRIPTION, add_args=_submit_args, run=cmd_submit, preformatted=True)

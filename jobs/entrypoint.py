@@ -19,6 +19,8 @@ from __future__ import annotations
 import os
 import sys
 
+from jobs.stages import build_parser, run_command
+
 
 def module_name(command: str) -> str:
     """`cast` subcommand -> entrypoint module: train-heads -> jobs.train_heads."""
@@ -33,8 +35,6 @@ def cluster_address() -> str:
 def with_cluster_address(command: str, argv: list[str]) -> list[str]:
     """argv plus `--address <cluster>` when the stage takes --address and none was given
     (nor an abbreviation argparse would accept, e.g. --addr)."""
-    from jobs.cli import build_parser
-
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices.get(command)
     takes_address = sub is not None and any("--address" in a.option_strings for a in sub._actions)
     given = any(len(arg.split("=")[0]) > 3 and "--address".startswith(arg.split("=")[0]) for arg in argv)
@@ -45,14 +45,12 @@ def with_cluster_address(command: str, argv: list[str]) -> list[str]:
 
 def stage_main(command: str, argv: list[str] | None = None) -> int:
     """Run `cast <command> argv` as a job entrypoint; returns the exit status."""
-    from jobs.cli import main
-
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = with_cluster_address(command, argv)
     where = f" on Ray at {argv[argv.index('--address') + 1]}" if "--address" in argv else ""
     print(f"[cast] job entrypoint {module_name(command)}: cast {command}{where}", file=sys.stderr, flush=True)
     try:
-        return main([command, *argv])
+        return run_command([command, *argv])
     except ConnectionError as e:  # ray.init found no cluster to join
         print(f"python -m {module_name(command)}: error: no Ray cluster to join ({e}). Submit it as a job "
               f"(`cast submit {command} --address http://HEAD:8265 -- ...` or `ray job submit -- python -m "

@@ -22,9 +22,9 @@ import time
 from dataclasses import dataclass, field
 
 from jobs.entrypoint import module_name
+from jobs.stages import STAGES, build_parser
 
 EXIT_SUCCEEDED, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED, EXIT_DETACHED = 0, 1, 2, 3, 130
-NOT_STAGES = {"submit"}  # cast subcommands that are never run as a job
 
 
 class SubmitError(Exception):
@@ -33,11 +33,7 @@ class SubmitError(Exception):
 
 def stages() -> list[str]:
     """`cast` subcommands that have a job entrypoint module jobs/<stage>.py."""
-    from jobs.cli import build_parser
-
-    sub = next(a for a in build_parser()._actions if a.dest == "command")
-    return sorted(c for c in sub.choices if c not in NOT_STAGES
-                  and importlib.util.find_spec(module_name(c)) is not None)
+    return sorted(c for c in STAGES if importlib.util.find_spec(module_name(c)) is not None)
 
 
 def normalise_stage(stage: str) -> str:
@@ -52,8 +48,6 @@ def normalise_stage(stage: str) -> str:
 def parse_stage_flags(stage: str, flags: list[str]):
     """Check the stage's flags here, with the stage's own parser, before anything reaches
     the cluster. argparse prints what is wrong; we turn its exit into a SubmitError."""
-    from jobs.cli import build_parser
-
     try:
         return build_parser().parse_args([stage, *flags])
     except SystemExit as e:

@@ -1,4 +1,3 @@
-import argparse
 import json
 import shutil
 
@@ -7,7 +6,7 @@ import pytest
 
 import storage
 from tests.pipeline.align_stores import build
-from jobs import cli_align
+from jobs.cli import build_parser
 from pipeline.align.pairs import AlignConfig, align_offsets, match_ends, run_align
 from storage.artifacts import load_alignment
 from storage.layout import StoreError
@@ -158,8 +157,7 @@ def test_load_alignment_errors(tmp_path):
 
 
 def test_cli(stores, tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="cast")
-    cli_align.register(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     ns = parser.parse_args(["align", str(stores["llama"]), str(stores["gemma"]), "--out", str(tmp_path / "c")])
     assert ns.func(ns) == 0
     out = capsys.readouterr().out

@@ -1,11 +1,10 @@
-import argparse
 import json
 
 import numpy as np
 import pytest
 
 import storage
-from jobs import cli_align
+from jobs.cli import build_parser
 from pipeline.align.pairs import AlignConfig, run_align
 from pipeline.align.layermap import (LayermapConfig, cka_matrix, linear_cka, monotone_assignment, norm_ratio,
                                      relative_depth, run_layermap, sink_rows)
@@ -125,9 +124,7 @@ def test_same_model_maps_layer_i_to_i(stores, aligned, tmp_path, standardize):
 
 
 def test_cross_model_layermap_artifact(stores, aligned, tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="cast")
-    cli_align.register(parser.add_subparsers(dest="command"))
-    ns = parser.parse_args(["layermap", str(stores["llama"]), str(stores["gemma"]), "--align", str(aligned["cross"]),
+    ns = build_parser().parse_args(["layermap", str(stores["llama"]), str(stores["gemma"]), "--align", str(aligned["cross"]),
                             "--out", str(tmp_path / "lm"), "--quiet"])
     assert ns.func(ns) == 0
     assert "total CKA" in capsys.readouterr().out

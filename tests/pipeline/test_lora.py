@@ -1,4 +1,3 @@
-import argparse
 import json
 from pathlib import Path
 
@@ -136,10 +135,9 @@ def test_gemma_trains_a_few_steps(tmp_path):
 
 
 def test_cli_train_and_evaluate(tmp_path, capsys):
-    from jobs.cli_lora import register
+    from jobs.cli import build_parser
 
-    p = argparse.ArgumentParser(prog="cast")
-    register(p.add_subparsers(dest="command"))
+    p = build_parser()
     out = tmp_path / "cli"
     ns = p.parse_args(["lora", "train", "--model", "tiny-llama", "--task", "add2", "--steps", "2",
                        "--batch-size", "4", "--out", str(out), "--quiet"])

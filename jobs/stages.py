@@ -1,0 +1,72 @@
+"""The pipeline's stages as `cast` subcommands: one table, the parser built from it, and
+running a command with the errors users can fix turned into messages.
+
+A stage runs the same three ways: `cast STAGE`, as a Ray job entrypoint
+`python -m jobs.STAGE` (jobs/entrypoint.py), and `cast submit STAGE` (jobs/submit.py,
+which checks a stage's flags with this parser before submitting). jobs/cli.py adds the
+two commands that are not stages, submit and bench.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jobs import cli_align, cli_bridge, cli_cache, cli_heads, cli_lora, cli_run
+from jobs.args import Command, add_command
+
+USAGE = """\
+CAST moves a LoRA between LLM families through activation-space projection heads.
+
+    cast fetch-model smollm2-135m        fetch + dequantise a real model once
+    cast extract --model gemma3-270m --out runs/gemma.zarr
+    cast inspect runs/gemma.zarr
+    cast verify runs/gemma.zarr
+    cast run                             the whole pipeline on the embedded defaults
+    cast <command> --help                what each stage does, with its defaults
+"""
+
+# In pipeline order. A new stage is a Command in a jobs/cli_*.py module and one line here
+# (and, to run it as a Ray job, a jobs/<stage>.py entrypoint).
+STAGES: dict[str, Command] = {
+    "fetch-model": cli_cache.FETCH_MODEL,
+    "fetch-corpus": cli_cache.FETCH_CORPUS,
+    "extract": cli_cache.EXTRACT,
+    "inspect": cli_cache.INSPECT,
+    "verify": cli_cache.VERIFY,
+    "align": cli_align.ALIGN,
+    "layermap": cli_align.LAYERMAP,
+    "train-heads": cli_heads.TRAIN_HEADS,
+    "lora": cli_lora.LORA,
+    "evaluate": cli_lora.EVALUATE,
+    "transfer": cli_bridge.TRANSFER,
+    "generate": cli_bridge.GENERATE,
+    "validate": cli_bridge.VALIDATE,
+    "run": cli_run.RUN,
+}
+
+
+def build_parser(commands: dict[str, Command] = STAGES) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cast", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, cmd in commands.items():
+        add_command(sub, name, cmd)
+    return p
+
+
+def run_command(argv: list[str] | None = None, commands: dict[str, Command] = STAGES) -> int:
+    """Parse and run one command. A bad input the user can fix (corpus, model, store, site,
+    flag value) is one line on stderr and exit status 2, not a traceback."""
+    from pipeline.cache.corpus import CorpusError
+    from pipeline.cache.hooks import SiteError
+    from pipeline.cache.models import ModelError
+    from storage.layout import StoreError
+
+    args = build_parser(commands).parse_args(argv)
+    try:
+        return args.func(args)
+    except (CorpusError, ModelError, StoreError, SiteError, ValueError) as e:
+        print(f"cast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cast {args.command}: interrupted; committed units are kept, re-run to resume", file=sys.stderr)
+        return 130
