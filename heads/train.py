@@ -56,21 +56,34 @@ def evaluate(head: ProjectionHead, loader: PairLoader) -> dict:
     return {"r2": r2, "cos": cos, "cos_raw": raw_cos, "mse": ((pred - y) ** 2).mean().item(), "n": len(y)}
 
 
-def fit_ridge(head: ProjectionHead, train: PairLoader, held: PairLoader) -> dict:
-    """Normal equations accumulated block by block (bounded memory); lambda chosen on held-out."""
-    d_in = head.cfg.in_dim
+def normal_equations(loader: PairLoader) -> tuple[torch.Tensor, torch.Tensor]:
+    """X^T X and X^T Y in float64, X with a column of ones (the intercept), accumulated
+    block by block so memory does not grow with the number of pairs."""
+    d_in = loader.x.shape[1]
     xtx = torch.zeros(d_in + 1, d_in + 1, dtype=torch.float64)
-    xty = torch.zeros(d_in + 1, head.cfg.out_dim, dtype=torch.float64)
-    for xb, yb in train.blocks():
+    xty = torch.zeros(d_in + 1, loader.y.shape[1], dtype=torch.float64)
+    for xb, yb in loader.blocks():
         xa = torch.cat([xb.double(), torch.ones(len(xb), 1, dtype=torch.float64)], 1)
         xtx += xa.T @ xa
         xty += xa.T @ yb.double()
+    return xtx, xty
+
+
+def ridge_solution(xtx: torch.Tensor, xty: torch.Tensor, lam: float, n: int) -> torch.Tensor:
+    """(d_in + 1, d_out) weights, the intercept last; lambda is scaled by n / d_in."""
+    d_in = xtx.shape[0] - 1
+    reg = torch.eye(d_in + 1, dtype=torch.float64) * lam * n / d_in
+    reg[-1, -1] = 0  # never shrink the intercept
+    return torch.linalg.solve(xtx + reg, xty)
+
+
+def fit_ridge(head: ProjectionHead, train: PairLoader, held: PairLoader) -> dict:
+    """Normal equations accumulated block by block (bounded memory); lambda chosen on held-out."""
+    xtx, xty = normal_equations(train)
     n = len(train)
     best = None
     for lam in RIDGE_LAMBDAS:
-        reg = torch.eye(d_in + 1, dtype=torch.float64) * lam * n / d_in
-        reg[-1, -1] = 0  # never shrink the intercept
-        w = torch.linalg.solve(xtx + reg, xty)
+        w = ridge_solution(xtx, xty, lam, n)
         head.linear.weight.data.copy_(w[:-1].T.float())
         head.linear.bias.data.copy_(w[-1].float())
         score = evaluate(head, held)
@@ -82,25 +95,39 @@ def fit_ridge(head: ProjectionHead, train: PairLoader, held: PairLoader) -> dict
     return {"lambda": lam, "epochs": 0}
 
 
+def mlp_optimizer(head: ProjectionHead, opts: dict, n_rows: int, epochs: int):
+    """AdamW with a one-cycle schedule spanning `epochs` passes over n_rows."""
+    opt = torch.optim.AdamW(head.parameters(), lr=opts["lr"], weight_decay=opts["weight_decay"])
+    steps = epochs * math.ceil(n_rows / opts["batch_size"])
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opts["lr"], total_steps=max(1, steps), pct_start=0.1)
+    return opt, sched
+
+
+def mlp_epoch(head: ProjectionHead, loader: PairLoader, opt, sched, epoch: int, cosine_weight: float) -> int:
+    """One pass of MSE (+ cosine) training over the loader's shuffled minibatches; returns the steps."""
+    head.train()
+    steps = 0
+    for xb, yb in loader.batches(epoch):
+        pred = head.standardised(xb)
+        loss = ((pred - yb) ** 2).mean()
+        if cosine_weight:
+            loss = loss + cosine_weight * (1 - torch.nn.functional.cosine_similarity(pred, yb, dim=1)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        steps += 1
+    return steps
+
+
 def fit_mlp(head: ProjectionHead, train: PairLoader, held: PairLoader, opts: dict, progress=None) -> dict:
     """Adam on MSE + cosine loss, starting from the ridge solution, early stopping on held-out MSE."""
     fit_ridge(head, train, held)
-    opt = torch.optim.AdamW(head.parameters(), lr=opts["lr"], weight_decay=opts["weight_decay"])
-    steps = opts["epochs"] * math.ceil(len(train) / opts["batch_size"])
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opts["lr"], total_steps=max(1, steps), pct_start=0.1)
+    opt, sched = mlp_optimizer(head, opts, len(train), opts["epochs"])
     best_state, best_mse, bad, curve = copy.deepcopy(head.state_dict()), evaluate(head, held)["mse"], 0, []
     epoch = 0
     for epoch in range(opts["epochs"]):
-        head.train()
-        for xb, yb in train.batches(epoch):
-            pred = head.standardised(xb)
-            loss = ((pred - yb) ** 2).mean()
-            if opts["cosine_weight"]:
-                loss = loss + opts["cosine_weight"] * (1 - torch.nn.functional.cosine_similarity(pred, yb, dim=1)).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+        mlp_epoch(head, train, opt, sched, epoch, opts["cosine_weight"])
         head.eval()
         mse = evaluate(head, held)["mse"]
         curve.append(mse)

@@ -112,6 +112,32 @@ def make_plan(tokenizer, segments, max_tokens: int, unit_tokens: int) -> Plan:
     return plan
 
 
+def length_batches(lengths: list[int], batch_tokens: int):
+    """Indices of sequences grouped into forward passes of at most batch_tokens padded
+    tokens, longest first (similar lengths together: less padding)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batch: list[int] = []
+    for i in order:
+        if batch and (len(batch) + 1) * lengths[batch[0]] > batch_tokens:
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+def pad_batch(input_ids: list[list[int]], batch: list[int], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (ids, attention mask) of the sequences `batch` indexes: each row's real
+    tokens are a prefix of it, so one gather takes them all back out."""
+    width = max(len(input_ids[i]) for i in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, i in enumerate(batch):
+        ids[row, : len(input_ids[i])] = torch.tensor(input_ids[i])
+        mask[row, : len(input_ids[i])] = 1
+    return ids, mask
+
+
 @contextmanager
 def _one_thread():
     """Run the per-batch copies, encoding and sums on one torch thread. They are many
@@ -147,17 +173,6 @@ class Extractor:
         self.flush()
         self.store = Path(store)
 
-    def _batches(self, lengths: list[int]):
-        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # longest first: less padding
-        batch: list[int] = []
-        for i in order:
-            if batch and (len(batch) + 1) * lengths[batch[0]] > self.batch_tokens:
-                yield batch
-                batch = []
-            batch.append(i)
-        if batch:
-            yield batch
-
     @torch.no_grad()
     def run(self, unit: Unit) -> dict:
         """Forward the unit and hand it to the writer. The commit itself overlaps the next
@@ -190,13 +205,9 @@ class Extractor:
                 stats[key] += sums
 
         with capture(self.lm.model, self.layers, self.sites, sink=sink):
-            for batch in self._batches(lengths):
-                width = max(lengths[i] for i in batch)
-                ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    ids[row, : lengths[i]] = torch.tensor(unit.input_ids[i])
-                    mask[row, : lengths[i]] = 1
+            for batch in length_batches(lengths, self.batch_tokens):
+                ids, mask = pad_batch(unit.input_ids, batch, self.pad)
+                width = ids.shape[1]
                 cur["src"] = torch.from_numpy(np.concatenate(
                     [row * width + np.arange(lengths[i]) for row, i in enumerate(batch)])).to(dev)
                 cur["dst"] = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in batch])

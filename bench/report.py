@@ -1,0 +1,81 @@
+"""The table `cast bench` prints and writes beside its JSON, and the bars each ratio is
+held to (docs/design.md#performance-bars)."""
+from __future__ import annotations
+
+TARGETS = {
+    "a_extract_vs_forward": (">=", 0.9),
+    "a_extract_vs_backbone": (">=", 0.9),
+    "b_extract_vs_naive": (">", 1.0),
+    "c_store_vs_recompute": (">=", 20.0),
+    "d_extract_peak_4n_over_n": ("<=", 1.1),
+    "d_process_peak_4n_over_n": ("<=", 1.1),
+}
+
+
+def met(name: str, value: float) -> bool | None:
+    if name not in TARGETS:
+        return None
+    op, bound = TARGETS[name]
+    return {">=": value >= bound, ">": value > bound, "<=": value <= bound}[op]
+
+
+def format_table(r: dict) -> str:
+    c = r["config"]
+    tps, med = r.get("tokens_per_s", {}), r.get("median_s", {})
+    lines = [f"### cast bench: {c['model']} — {r['tokens']:,} tokens, {r['units']} units, {r['batches']} batches, "
+             f"{c['reps']} interleaved reps (medians), torch threads {r['machine']['torch_threads']}, "
+             f"load avg {r['machine']['loadavg_start']:.1f} -> {r['machine']['loadavg_end']:.1f}",
+             "",
+             "| method | median wall s | tok/s | median CPU s | wall s per rep |",
+             "|---|---:|---:|---:|---|"]
+    for name, ts in r.get("times", {}).items():
+        cpu = r.get("median_cpu_s", {}).get(name, float("nan"))
+        lines.append(f"| {name} | {med[name]:.2f} | {tps[name]:,.0f} | {cpu:.2f} | {' '.join(f'{t:.2f}' for t in ts)} |")
+    lines += ["", "| ratio | value | target | met | what |", "|---|---:|---|---|---|"]
+    what = {
+        "a_extract_vs_forward": "extract tok/s / bare forward tok/s (full model, LM head included)",
+        "a_extract_vs_backbone": "extract tok/s / backbone forward tok/s (no LM head: the strict one)",
+        "a_ray_vs_forward": "Ray actor extract tok/s / bare forward tok/s",
+        "b_extract_vs_naive": f"extract tok/s / naive dump tok/s (output_hidden_states + hooks, np.save {c['naive_dtype']})",
+        "c_store_vs_recompute": "recompute epoch s / store epoch s (store streamed, the slower store path)",
+        "c_store_kept_vs_recompute": "recompute epoch s / store epoch s (pairs read once, kept)",
+        "d_extract_peak_4n_over_n": "peak RSS while extracting (high-water mark reset after the model load) at 4N / at N",
+        "d_process_peak_4n_over_n": "peak RSS of the whole `cast extract --workers 0` process at 4N / at N",
+        "e_store_vs_raw": f"store activation bytes / raw {c['dtype']} bytes",
+        "e_store_vs_float32": "store activation bytes / raw float32 bytes",
+    }
+    for name, value in r["ratios"].items():
+        t = TARGETS.get(name)
+        met = r["met"].get(name)
+        lines.append(f"| {name} | {value:.3f} | {t[0] + ' ' + str(t[1]) if t else '—'} | "
+                     f"{'—' if met is None else ('yes' if met else '**NO**')} | {what.get(name, '')} |")
+    if "hooks" in med and "extract_no_write" in med:
+        b, h, nw, e = med["backbone"], med["hooks"], med["extract_no_write"], med["extract"]
+        lines += ["", f"(a) where extraction's time goes (median wall s, share of the backbone's): backbone {b:.2f}; "
+                      f"hooks firing {h - b:+.2f} ({(h - b) / b:+.1%}); gather, bf16 encode and stats "
+                      f"{nw - h:+.2f} ({(nw - h) / b:+.1%}); the unit write (zarr, zstd, sha256) {e - nw:+.2f} "
+                      f"({(e - nw) / b:+.1%}); extract {e:.2f}."]
+    if "extract_ray" in r.get("times", {}):
+        lines += ["", "extract_ray: one Ray actor (model loaded once) fed the same units; its CPU column is the "
+                      "driver's only."]
+    if "c" in r:
+        cc = r["c"]
+        lines += ["", f"(c) {cc['kind']} head {cc['site']}: {c['model']} L{cc['src_layer']} -> {cc['partner']} "
+                      f"L{cc['tgt_layer']}, {cc['pairs']:,} pairs, {cc['steps']} steps/epoch, {cc['threads']} torch thread(s) "
+                      f"for both paths; recompute forwards both models down to those layers only (its cheapest "
+                      f"form; tokenization and alignment are not timed for either path)."]
+    if "d" in r:
+        d = r["d"]
+        sm, bg = d["small"], d["big"]
+        lines += [f"(d) peak RSS (MiB), fresh process each, unit {c['mem_unit_tokens']} tokens: model load alone "
+                  f"{d['load_only_mb']:,.0f}; N={d['tokens_n']:,} tokens ({d['units_n']} units): after load "
+                  f"{sm['after_load_mb']:,.0f}, extraction peak {sm['extract_peak_mb'] or float('nan'):,.0f}, "
+                  f"process peak {sm['peak_rss_mb']:,.0f}; 4N={d['tokens_4n']:,} ({d['units_4n']} units): after load "
+                  f"{bg['after_load_mb']:,.0f}, extraction peak {bg['extract_peak_mb'] or float('nan'):,.0f}, "
+                  f"process peak {bg['peak_rss_mb']:,.0f}."]
+    if "e" in r:
+        e = r["e"]
+        lines += [f"(e) bytes/token: store activations {e['store_act_bytes_per_token']:,.0f} (whole store "
+                  f"{e['store_bytes_per_token']:,.0f}), raw {c['dtype']} {e['raw_bytes_per_token']:,.0f}, raw float32 "
+                  f"{e['float32_bytes_per_token']:,.0f}; naive dump {e.get('naive_bytes_per_token', 0):,.0f}."]
+    return "\n".join(lines)
