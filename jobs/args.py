@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import importlib
 import inspect
 import textwrap
 import typing
@@ -59,27 +60,44 @@ def to_dataclass(cls, ns: argparse.Namespace):
 
 @dataclasses.dataclass(frozen=True)
 class Command:
-    """One `cast` subcommand, as jobs/cli.py's table lists it."""
+    """One `cast` subcommand, as the tables in jobs/stages.py and jobs/cli.py list it."""
 
     help: str
     """The line `cast --help` shows."""
-    description: str
-    """What `cast <command> --help` says first."""
-    add_args: typing.Callable[[argparse.ArgumentParser], None] | None = None
-    """Adds the command's flags (config classes are imported here, only when needed)."""
     run: typing.Callable[[argparse.Namespace], int] | None = None
-    """Runs it; returns the exit status."""
-    subcommands: dict[str, "Command"] | None = None
-    """For a command of commands (`cast lora train`)."""
+    """Runs it and returns the exit status; its docstring is what `cast <command> --help` says."""
+    config: str = ""
+    """"module:Class" of the config dataclass whose fields are the flags (imported only
+    when the parser is built)."""
+    positional: tuple[str, ...] = ()
+    """Config fields taken as positional arguments."""
+    add_args: typing.Callable[[argparse.ArgumentParser], None] | None = None
+    """Adds flags beyond the config's."""
+    quiet: str = ""
+    """Help of the command's --quiet flag; none without it."""
+    description: str = ""
+    """Instead of run's docstring."""
     preformatted: bool = False
     """Keep the description's line breaks (examples, tables)."""
+    subcommands: dict[str, "Command"] | None = None
+    """For a command of commands (`cast lora train`)."""
+
+
+def load_config(ref: str) -> type:
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def add_command(subparsers, name: str, cmd: Command, dest: str = "command") -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter if cmd.preformatted else argparse.HelpFormatter
-    p = subparsers.add_parser(name, help=cmd.help, description=cmd.description, formatter_class=fmt)
+    description = cmd.description or inspect.getdoc(cmd.run) or ""
+    p = subparsers.add_parser(name, help=cmd.help, description=description, formatter_class=fmt)
+    if cmd.config:
+        add_dataclass_args(p, load_config(cmd.config), cmd.positional)
     if cmd.add_args:
         cmd.add_args(p)
+    if cmd.quiet:
+        p.add_argument("--quiet", action="store_true", help=cmd.quiet)
     if cmd.subcommands:
         sub = p.add_subparsers(dest=f"{name}_{dest}", required=True, metavar="SUBCOMMAND")
         for child, sub_cmd in cmd.subcommands.items():

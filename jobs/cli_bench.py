@@ -6,11 +6,12 @@ from __future__ import annotations
 import sys
 
 import bench
-from jobs.args import Command, add_dataclass_args, to_dataclass
+from jobs.args import Command, to_dataclass
 
 
 def cmd_bench(ns) -> int:
-    from bench.run import BenchConfig, run_bench
+    from bench.config import BenchConfig
+    from bench.run import run_bench
 
     res = run_bench(to_dataclass(BenchConfig, ns))
     print(res["table"])
@@ -18,12 +19,5 @@ def cmd_bench(ns) -> int:
     return 0
 
 
-def _bench_args(p) -> None:
-    from bench.run import BenchConfig
-
-    add_dataclass_args(p, BenchConfig)
-
-
-BENCH = Command(
-    help="benchmark extraction, the store and head training against naive alternatives",
-    description=bench.__doc__, add_args=_bench_args, run=cmd_bench, preformatted=True)
+BENCH = Command("benchmark extraction, the store and head training against naive alternatives", cmd_bench,
+                description=bench.__doc__, preformatted=True, config="bench.config:BenchConfig")

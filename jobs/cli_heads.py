@@ -4,35 +4,27 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from jobs.args import Command, add_dataclass_args, to_dataclass
+from jobs.args import Command, to_dataclass
 
 
 def cmd_train_heads(ns) -> int:
+    """For every bridged (source layer, target layer) of the layer map and every site, fit
+    an encoder (target -> source space) and a decoder (source -> target space) on aligned
+    token pairs read from the two stores. No model is loaded and no GPU is used; each head
+    is an independent task, skipped on re-runs when its inputs and config are unchanged.
+    Writes HEADS/<direction>/<site>/*.safetensors + .json, HEADS/index.json, summary.md
+    and r2_by_layer.png."""
     from heads.headset import write_summary
     from heads.run import TrainHeadsConfig, run_train_heads
 
     cfg = to_dataclass(TrainHeadsConfig, ns)
     index = run_train_heads(cfg, progress=not ns.quiet)
     out = Path(cfg.out)
-    table = write_summary(index, out)
-    print(table)
+    print(write_summary(index, out))
     print(json.dumps({"heads": len(index["heads"]), "out": str(out), "plot": str(out / "r2_by_layer.png"),
                       "skipped": sum(1 for h in index["heads"] if h.get("skipped"))}))
     return 0
 
 
-def _train_heads_args(p) -> None:
-    from heads.run import TrainHeadsConfig
-
-    add_dataclass_args(p, TrainHeadsConfig)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-TRAIN_HEADS = Command(
-    help="fit encoder/decoder projection heads from the stores (CPU, Ray tasks)",
-    description="For every bridged (source layer, target layer) of the layer map and every site, fit an encoder "
-    "(target -> source space) and a decoder (source -> target space) on aligned token pairs read from the two "
-    "stores. No model is loaded and no GPU is used; each head is an independent task, skipped on re-runs when "
-    "its inputs and config are unchanged. Writes HEADS/<direction>/<site>/*.safetensors + .json, "
-    "HEADS/index.json, summary.md and r2_by_layer.png.",
-    add_args=_train_heads_args, run=cmd_train_heads)
+TRAIN_HEADS = Command("fit encoder/decoder projection heads from the stores (CPU, Ray tasks)", cmd_train_heads,
+                      config="heads.run:TrainHeadsConfig", quiet="no progress bar")

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from jobs.args import Command, add_dataclass_args, to_dataclass
+from jobs.args import Command, to_dataclass
 
 TRAIN_HELP = """\
 Train a standard PEFT LoRA on MODEL for a task and write a plain PEFT adapter directory
@@ -57,28 +57,15 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _train_args(p) -> None:
-    from pipeline.lora.train import LoraTrainConfig
-
-    add_dataclass_args(p, LoraTrainConfig)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+def _show_flag(p) -> None:
+    p.add_argument("--show", type=int, default=0, metavar="N", help="print the first N predictions to stderr "
+                   "(default: 0)")
 
 
-def _evaluate_args(p) -> None:
-    from pipeline.lora.evaluate import EvalConfig
-
-    add_dataclass_args(p, EvalConfig)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--show", type=int, default=0, metavar="N",
-                   help="print the first N predictions to stderr (default: 0)")
-
-
-LORA = Command(
-    help="train LoRA adapters (standard PEFT)",
-    description="LoRA adapters on either model. See `cast lora train --help`.",
-    subcommands={"train": Command(help="train a LoRA on a task, write a PEFT adapter dir", description=TRAIN_HELP,
-                                  add_args=_train_args, run=cmd_lora_train, preformatted=True)})
-
-EVALUATE = Command(
-    help="exact-match score of a model (+ adapter) on a task",
-    description=EVAL_HELP, add_args=_evaluate_args, run=cmd_evaluate, preformatted=True)
+TRAIN = Command("train a LoRA on a task, write a PEFT adapter dir", cmd_lora_train, description=TRAIN_HELP,
+                preformatted=True, config="pipeline.lora.train:LoraTrainConfig", quiet="no progress bar")
+LORA = Command("train LoRA adapters (standard PEFT)", description="LoRA adapters on either model. See "
+               "`cast lora train --help`.", subcommands={"train": TRAIN})
+EVALUATE = Command("exact-match score of a model (+ adapter) on a task", cmd_evaluate, description=EVAL_HELP,
+                   preformatted=True, config="pipeline.lora.evaluate:EvalConfig", add_args=_show_flag,
+                   quiet="no progress bar")

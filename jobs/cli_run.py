@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import json
 
-from jobs.args import Command, add_dataclass_args, to_dataclass
+from jobs.args import Command, to_dataclass
 
 
 def cmd_run(ns) -> int:
+    """Train a source LoRA per task, extract both models (smollm2-135m source, gemma3-270m
+    target) over the built-in corpus, align, map layers, train heads, transfer and validate,
+    ending in RUN/report.md. Resumable: re-running skips finished work."""
     from pipeline.run import RunConfig, run_pipeline
 
     res = run_pipeline(to_dataclass(RunConfig, ns), progress=not ns.quiet)
@@ -14,16 +17,5 @@ def cmd_run(ns) -> int:
     return 0
 
 
-def _run_args(p) -> None:
-    from pipeline.run import RunConfig
-
-    add_dataclass_args(p, RunConfig)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-RUN = Command(
-    help="the whole pipeline on the embedded defaults",
-    description="Train a source LoRA per task, extract both models (smollm2-135m source, gemma3-270m target) "
-    "over the built-in corpus, align, map layers, train heads, transfer and validate, ending in RUN/report.md. "
-    "Resumable: re-running skips finished work.",
-    add_args=_run_args, run=cmd_run)
+RUN = Command("the whole pipeline on the embedded defaults", cmd_run, config="pipeline.run:RunConfig",
+              quiet="no progress bars")

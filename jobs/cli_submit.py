@@ -96,6 +96,5 @@ def add_options(s: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return s
 
 
-SUBMIT = Command(
-    help="run a stage on a Ray cluster as a job; stream its logs; exit with its status",
-    description=DESCRIPTION, add_args=_submit_args, run=cmd_submit, preformatted=True)
+SUBMIT = Command("run a stage on a Ray cluster as a job; stream its logs; exit with its status", cmd_submit,
+                 description=DESCRIPTION, preformatted=True, add_args=_submit_args)
