@@ -1,9 +1,14 @@
-"""`cast run` end to end on tiny models: every stage runs, a re-run resumes."""
+"""`cast run` end to end on tiny models: every stage runs, the bridge it builds acts on
+the target, a re-run resumes."""
 from __future__ import annotations
 
 import json
 
+import torch
+
 from jobs.cli import main
+from pipeline.assemble.transfer import load_bridged
+from pipeline.cache.models import load_model
 
 
 def test_cast_run_on_tiny_models_then_resume(tmp_path, corpus_dir, capsys):
@@ -22,6 +27,16 @@ def test_cast_run_on_tiny_models_then_resume(tmp_path, corpus_dir, capsys):
     assert "target + CAST (ridge)" in (run / "report.md").read_text()
     heads = json.loads((run / "heads" / "index.json").read_text())
     assert {h["spec"]["site"] for h in heads["heads"]} == {"attn_in", "q_proj.out", "v_proj.out"}
+    # The bridged targets validate scored are not the plain target: the heads carry the
+    # source LoRA's change into the target's forward pass (finite, and not zero).
+    ids = torch.tensor([[2, 17, 42, 99, 3, 150, 7, 8]])
+    with torch.no_grad():
+        plain = load_model("tiny-gemma3").model(input_ids=ids).logits
+        for kind in ("mlp", "ridge"):
+            bridged = load_bridged(run / "validate" / "add2" / f"bridged-{kind}")
+            assert bridged.info.name == "tiny-gemma3"
+            change = (bridged.model(input_ids=ids).logits - plain).abs()
+            assert torch.isfinite(change).all() and change.max() > 1e-2, (kind, change.max())
 
     capsys.readouterr()
     assert main(argv) == 0  # resumes: nothing is recomputed

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from heads.headset import load_heads
-from pipeline.assemble.bridge import BridgeError
+from pipeline.assemble.bridge import BridgeError, read_lora
 
 
 @dataclass
@@ -91,7 +91,7 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> dict:
     from pipeline.lora.adapters import load_adapter, read_adapter_meta
     from pipeline.cache.models import load_model
     from pipeline.lora.tasks import load_task
-    from pipeline.assemble.transfer import TransferConfig, load_bridged, run_transfer
+    from pipeline.assemble.transfer import TransferConfig, check_adapter, load_bridged, run_transfer
     from pipeline.assemble.weightspace import weightspace_adapter
 
     out = Path(cfg.out)
@@ -101,9 +101,15 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> dict:
         raise BridgeError(f"--adapter {cfg.adapter}: validate needs cast_lora.json (the training recipe) to "
                           f"retrain the reference on the target; train it with `cast lora train`")
     hs = load_heads(cfg.heads)
+    lw = read_lora(cfg.adapter)
+    for kind in ("mlp", "ridge"):  # both bridges are built later: refuse now, before any decoding
+        check_adapter(cfg.adapter, lw, hs, kind)
     task_name = cfg.task or (None if cfg.task_file else meta["task"]["name"])
     task = load_task(task_name, cfg.task_file, split="test", seed=cfg.task_seed)
     train_task = load_task(task_name, None, split="train", seed=cfg.task_seed) if task_name else None
+    if train_task is None and cfg.retrained is None:  # refused before minutes of decoding, not after
+        raise BridgeError("--task-file gives only a test split: pass --retrained with a target LoRA trained "
+                          "on the matching training file")
     src_name, tgt_name = hs.source["model"], hs.target["model"]
     t0 = time.perf_counter()
     results = {}
@@ -119,9 +125,6 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> dict:
     score("source + LoRA", load_adapter(src.model, cfg.adapter), src.tokenizer)
     tgt = load_model(tgt_name, device=cfg.device)
     score("target base", tgt.model, tgt.tokenizer)
-    if train_task is None and cfg.retrained is None:
-        raise BridgeError("--task-file gives only a test split: pass --retrained with a target LoRA trained "
-                          "on the matching training file")
     retrained = _ensure_retrained(cfg, meta, tgt_name, train_task, out)
     score("target + retrained LoRA", load_adapter(load_model(tgt_name, device=cfg.device).model, retrained),
           tgt.tokenizer)

@@ -2,6 +2,8 @@
 and loses nothing already committed."""
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 import storage
@@ -70,12 +72,21 @@ def test_inspect_and_verify_on_a_non_store(tmp_path, capsys):
         assert code == 2 and "is not an activation store" in err
 
 
-def test_every_subcommand_has_help_with_defaults(capsys):
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command")
-    for name, p in sub.choices.items():
-        text = p.format_help()
-        assert p.description, f"{name} has no description"
-        if any(a.default not in (None, False) and a.option_strings for a in p._actions
-               if a.dest != "help"):
-            assert "(default:" in text, name
+def subcommands(parser, prefix="cast"):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield f"{prefix} {name}", sub
+                yield from subcommands(sub, f"{prefix} {name}")
+
+
+def test_every_flag_with_a_default_states_it_in_its_help():
+    checked = 0
+    for name, p in subcommands(build_parser()):
+        assert p.description and "%%" not in p.format_help(), f"{name}: no description, or a stray %%"
+        for a in p._actions:
+            if not a.option_strings or a.default in (None, False, [], argparse.SUPPRESS):
+                continue
+            assert f"(default: {a.default})" in p._get_formatter()._expand_help(a), (name, a.option_strings)
+            checked += 1
+    assert checked > 60  # every stage's flags were seen, not a few

@@ -6,7 +6,6 @@ import json
 import os
 import secrets
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -166,7 +165,7 @@ def test_failed_job_fails_cast_submit_with_its_error(failing_job):
     out, err, code = finish(proc)
     assert code == 1, (out, err)
     # The job's own message, not just its status: the stage's error names the missing corpus.
-    assert "FAILED" in err and f"the job's error: cast extract: error:" in err and str(d / "no-such-corpus") in err
+    assert "FAILED" in err and "the job's error: cast extract: error:" in err and str(d / "no-such-corpus") in err
     assert not (d / "s.zarr").exists()
 
 

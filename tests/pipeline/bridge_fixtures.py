@@ -13,25 +13,26 @@ from storage.artifacts import HEADS_KIND
 
 
 def identity_heads(root: Path, model_name: str, kind: str, sites: list[str]) -> Path:
-    """A head set mapping model_name onto itself with identity heads at every layer."""
+    """A head set mapping model_name onto itself with identity heads at every layer;
+    kind "mlp,ridge" makes both kinds."""
     lm = load_model(model_name)
     n = len(get_layer_list(lm.model)[1])
     ident = {"path": "-", "model": model_name, "weights_hash": lm.info.weights_hash,
              "tokenizer_hash": lm.info.tokenizer_hash}
     heads = []
     for layer in range(n):
-        for site in sites:
+        for site, head_kind in ((s, k) for s in sites for k in kind.split(",")):
             dim = site_dim(lm.model, site)
             for direction in ("encoder", "decoder"):
-                head = ProjectionHead(HeadConfig(kind=kind, in_dim=dim, out_dim=dim, hidden=16))
+                head = ProjectionHead(HeadConfig(kind=head_kind, in_dim=dim, out_dim=dim, hidden=16))
                 with torch.no_grad():
                     head.linear.weight.copy_(torch.eye(dim))
                     head.linear.bias.zero_()
-                    if kind == "mlp":  # a nonzero MLP whose effect cancels in D(y+d)-D(y) only if d=0
+                    if head_kind == "mlp":  # a nonzero MLP whose effect cancels in D(y+d)-D(y) only if d=0
                         head.up.weight.normal_()
                 spec = {"direction": direction, "source_layer": layer, "target_layer": layer, "site": site,
-                        "kind": kind}
-                name = f"{direction}/{site}/T{layer:02d}-S{layer:02d}.{kind}"
+                        "kind": head_kind}
+                name = f"{direction}/{site}/T{layer:02d}-S{layer:02d}.{head_kind}"
                 (root / name).parent.mkdir(parents=True, exist_ok=True)
                 head.save(root / name, {"spec": spec, "hash": "x", "metrics": {}})
                 heads.append({"name": name, "spec": spec, "hash": "x", "metrics": {}})

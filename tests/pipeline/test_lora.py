@@ -1,4 +1,5 @@
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -125,13 +126,20 @@ def test_collate_layout(trained):
     assert pairs[0][1][-1] == lm.tokenizer.eos_token_id
 
 
-def test_gemma_trains_a_few_steps(tmp_path):
+def test_gemma_adapter_changes_the_model_the_way_it_was_trained(tmp_path):
+    task = const_task()
     cfg = LoraTrainConfig(model="tiny-gemma3", out=str(tmp_path / "g"), targets="q_proj,v_proj",
                           steps=3, batch_size=4)
-    res = train_lora(cfg, task=const_task(), progress=False)
-    assert len(res.losses) == 3 and all(x == x for x in res.losses)
+    res = train_lora(cfg, task=task, progress=False)
+    assert len(res.losses) == 3 and all(math.isfinite(x) for x in res.losses)
     fresh = load_model("tiny-gemma3")
-    load_adapter(fresh.model, cfg.out)
+    batch = collate(encode_pairs(fresh.tokenizer, task, task.train[:16]), fresh.tokenizer.pad_token_id)
+    with torch.no_grad():
+        base_logits, base_loss = probe_logits(fresh.model, fresh.tokenizer), answer_loss(fresh.model, batch)
+        adapted = load_adapter(fresh.model, cfg.out)  # from disk, as every later stage reads it
+        logits, loss = probe_logits(adapted, fresh.tokenizer), answer_loss(adapted, batch)
+    assert (logits - base_logits).abs().max() > 1e-2  # the saved adapter is not inert
+    assert loss < base_loss - 0.02, (base_loss, loss)  # and it moves the model towards the task
 
 
 def test_cli_train_and_evaluate(tmp_path, capsys):

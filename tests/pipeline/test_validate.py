@@ -1,7 +1,6 @@
 """Weight-space baseline and the validation report, end to end on tiny models."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest

@@ -1,0 +1,109 @@
+"""`cast transfer`, `cast generate` and `cast validate` through the CLI.
+
+The head set bridges tiny-llama onto itself through identity heads, so the right answer
+is known: the bridged model is the model plus the source LoRA, and every transferred
+system of the report must predict what `source + LoRA` predicts.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from jobs.cli import main
+from pipeline.cache.models import load_model
+from pipeline.lora.adapters import load_adapter
+from tests.pipeline.bridge_fixtures import identity_heads, random_adapter, sites_for
+
+PROMPTS = ["12+34=", "7+8="]
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assemble")
+    heads = identity_heads(root / "heads", "tiny-llama", "mlp,ridge", sites_for(["q_proj", "v_proj"]))
+    lora = root / "lora"
+    assert main(["lora", "train", "--model", "tiny-llama", "--task", "add2", "--steps", "20", "--lr", "1e-2",
+                 "--batch-size", "8", "--out", str(lora), "--quiet"]) == 0
+    return {"root": root, "heads": str(heads), "lora": str(lora)}
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_transfer_then_generate_is_the_model_plus_its_lora(made, tmp_path, capsys):
+    code, out, _ = run(capsys, "transfer", "--adapter", made["lora"], "--heads", made["heads"],
+                       "--out", tmp_path / "b", "--kind", "ridge")
+    assert code == 0
+    assert json.loads(out) == {"out": str(tmp_path / "b"), "target": "tiny-llama", "source": "tiny-llama",
+                               "head_kind": "ridge", "adapters": [made["lora"]]}
+    code, out, _ = run(capsys, "generate", tmp_path / "b", *(a for p in PROMPTS for a in ("--prompt", p)),
+                       "--max-new-tokens", 4)
+    assert code == 0
+    lm = load_model("tiny-llama")
+    peft = load_adapter(lm.model, made["lora"])
+    want = []
+    for prompt in PROMPTS:
+        ids = lm.tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            gen = peft.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
+        want.append(prompt + lm.tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    assert out == "\n".join(want) + "\n"
+
+
+def test_transfer_refusals_are_messages(made, tmp_path, capsys):
+    code, _, err = run(capsys, "transfer", "--adapter", tmp_path, "--heads", made["heads"], "--out", tmp_path / "x")
+    assert code == 2 and "expected a PEFT adapter directory" in err
+    code, _, err = run(capsys, "transfer", "--adapter", made["lora"], "--heads", tmp_path, "--out", tmp_path / "x")
+    assert code == 2 and "is not a head set" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_validate_on_a_self_bridge_reproduces_the_lora(made, tmp_path, capsys):
+    out = tmp_path / "report"
+    code, stdout, _ = run(capsys, "validate", "--adapter", made["lora"], "--heads", made["heads"], "--out", out,
+                          "--limit", 8, "--quiet")
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["n"] == 8 and "| target + CAST (mlp) |" in stdout
+    preds = {f.stem: [p["prediction"] for p in json.loads(f.read_text())["predictions"]]
+             for f in (out / "predictions").glob("*.json")}
+    lora = preds.pop("source_plus_LoRA")
+    assert lora != preds["source_base"]  # the LoRA changes what the model says
+    for system in ("target_plus_CAST_mlp", "target_plus_CAST_ridge", "target_plus_retrained_LoRA",
+                   "target_plus_weight-space"):
+        assert preds[system] == lora, system
+    assert (out / "bridged-mlp" / "manifest.json").exists() and (out / "report.png").stat().st_size > 0
+
+
+def test_validate_refuses_before_decoding(made, tmp_path, capsys):
+    def refused(adapter, heads, *more) -> str:
+        out = tmp_path / f"r{len(list(tmp_path.iterdir()))}"
+        code, _, err = run(capsys, "validate", "--adapter", adapter, "--heads", heads, "--out", out, *more)
+        assert code == 2 and not (out / "report.json").exists()
+        assert "exact match" not in err  # refused before any system was scored
+        return err
+
+    plain = tmp_path / "plain"  # a PEFT adapter from elsewhere: no recipe to retrain the reference with
+    shutil.copytree(made["lora"], plain)
+    (plain / "cast_lora.json").unlink()
+    assert "validate needs cast_lora.json" in refused(plain, made["heads"])
+
+    tests = tmp_path / "test.jsonl"
+    tests.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
+    assert "--task-file gives only a test split: pass --retrained" in refused(made["lora"], made["heads"],
+                                                                             "--task-file", tests)
+
+    ridge_only = identity_heads(tmp_path / "ridge", "tiny-llama", "ridge", sites_for(["q_proj", "v_proj"]))
+    assert "no mlp heads for: encoder attn_in" in refused(made["lora"], ridge_only)
+
+    other = random_adapter(tmp_path / "other", "tiny-gemma3", ["q_proj", "v_proj"])
+    (other / "cast_lora.json").write_text(json.dumps({"base": {"name": "tiny-gemma3", "weights_hash": "abc"},
+                                                      "task": {"name": "add2"}, "recipe": {}}))
+    assert "was trained on tiny-gemma3, but --heads" in refused(other, made["heads"])
