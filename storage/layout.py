@@ -13,7 +13,8 @@
 
 A unit counts as committed only when both its directory and its manifest row exist:
 the directory is renamed into place first, the row written (temp -> rename) second,
-so a run killed between the two redoes that unit instead of trusting it.
+so a run killed between the two redoes that unit instead of trusting it
+(docs/design.md#commit-protocol).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 # 2: one stats array per site (format 1 had one per layer and site, and ~4 ms of zarr
-# overhead each per unit, issue 8).
+# overhead each per unit). See docs/design.md#store-format.
 FORMAT_VERSION = 2
 META_KEY = "cast"
 UNITS = "units"
@@ -62,7 +63,7 @@ def encode(x: torch.Tensor, dtype: str, where: str, finite: bool = False) -> np.
     the caller has already proven every value finite (extraction's float64 sums do).
     """
     # A float64 sum is finite exactly when every value is (inf and nan propagate; float32
-    # values cannot overflow it): one reduction instead of a per-value mask (issue 8).
+    # values cannot overflow it): one reduction instead of a per-value mask.
     if not finite and not torch.isfinite(x.sum(dtype=torch.float64)) and not torch.isfinite(x).all():
         bad = (~torch.isfinite(x)).sum().item()
         raise StoreError(f"{where}: the model produced {bad} non-finite values (inf/nan); refusing to store them")
@@ -90,5 +91,5 @@ def decode(stored: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def chunk_tokens(dim: int, itemsize: int, target_bytes: int = 2 << 20) -> int:
-    """Tokens per chunk so a chunk holds about 2 MB (DESIGN §5: 1-4 MB)."""
+    """Tokens per chunk so a chunk holds about 2 MB (docs/design.md#store-format)."""
     return max(256, (target_bytes // max(1, dim * itemsize)) // 256 * 256)

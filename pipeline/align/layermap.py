@@ -1,4 +1,4 @@
-"""Which source layer each target layer should be bridged to (DESIGN §6).
+"""Which source layer each target layer should be bridged to (docs/design.md#alignment-and-layer-map).
 
 Linear CKA between every source layer and every target layer, measured on a seeded
 sample of aligned token pairs; a monotone assignment by dynamic programming (deeper

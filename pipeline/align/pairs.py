@@ -1,4 +1,4 @@
-"""Cross-tokenizer alignment of two activation stores (DESIGN §6).
+"""Cross-tokenizer alignment of two activation stores (docs/design.md#alignment-and-layer-map).
 
 Two stores built over the same corpus and segmentation hold the same text, cut into
 tokens differently. A source token and a target token are *aligned* when they sit in the

@@ -1,4 +1,5 @@
-"""Text corpora for CAST (DESIGN §4): loading, the built-in corpus, segmentation.
+"""Text corpora for CAST: loading, the built-in corpus, segmentation
+(docs/design.md#corpus-and-segmentation).
 
 Both models must see exactly the same text, so everything here is deterministic:
 file order is sorted, document ids do not depend on where the corpus lives, and

@@ -1,5 +1,5 @@
 """Activation extraction: plan units of segments, run workers that each load the model
-once, and commit every unit whole into the store (DESIGN §5).
+once, and commit every unit whole into the store (docs/design.md#activation-store).
 
 The plan is a pure function of (tokenizer, corpus, segmentation, unit size, token cap),
 recorded in the store, so a re-run recomputes the same units and skips committed ones.
@@ -143,7 +143,7 @@ def _one_thread():
     """Run the per-batch copies, encoding and sums on one torch thread. They are many
     small ops; with several intra-op threads each one pays an OpenMP fork/join, which on
     a busy machine (a descheduled thread holds the barrier) cost more than the
-    forward pass itself (see bench/, issue 8)."""
+    forward pass itself (measured by `cast bench`, part a)."""
     before = torch.get_num_threads()
     if before > 1:
         torch.set_num_threads(1)

@@ -1,4 +1,5 @@
-"""Tasks: programmatic, exact-match scored, with disjoint train/test splits (DESIGN §8),
+"""Tasks: programmatic, exact-match scored, with disjoint train/test splits
+(docs/design.md#tasks-and-validation),
 plus user tasks given as JSONL files of {"prompt": ..., "answer": ...} records.
 
 Built-in tasks are chosen so that the base models score near zero with a plain-text
