@@ -10,7 +10,7 @@ from pipeline.lora.adapters import load_adapter
 from pipeline.cache.models import load_model
 from pipeline.assemble.validate import paired_ratio_ci
 from pipeline.assemble.weightspace import project_update, weightspace_adapter
-from tests.pipeline.bridge_fixtures import random_adapter
+from tests.pipeline.assemble.bridge_fixtures import random_adapter
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8]])
 

@@ -11,7 +11,7 @@ from pipeline.assemble.bridge import BridgeError, assign_layers
 from pipeline.lora.adapters import ALL_TARGETS, load_adapter
 from pipeline.cache.models import load_model
 from pipeline.assemble.transfer import TransferConfig, load_bridged, run_transfer
-from tests.pipeline.bridge_fixtures import identity_heads, random_adapter, sites_for
+from tests.pipeline.assemble.bridge_fixtures import identity_heads, random_adapter, sites_for
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8, 120, 64]])
 

@@ -10,7 +10,7 @@ from pipeline.align.layermap import (LayermapConfig, cka_matrix, linear_cka, mon
                                      relative_depth, run_layermap, sink_rows)
 from storage.artifacts import load_layermap
 from storage.layout import StoreError
-from tests.pipeline.align_stores import build
+from tests.pipeline.align.align_stores import build
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import storage
-from tests.pipeline.align_stores import build
+from tests.pipeline.align.align_stores import build
 from jobs.cli import build_parser
 from pipeline.align.pairs import AlignConfig, align_offsets, match_ends, run_align
 from storage.artifacts import load_alignment

@@ -15,7 +15,7 @@ import torch
 from jobs.cli import main
 from pipeline.cache.models import load_model
 from pipeline.lora.adapters import load_adapter
-from tests.pipeline.bridge_fixtures import identity_heads, random_adapter, sites_for
+from tests.pipeline.assemble.bridge_fixtures import identity_heads, random_adapter, sites_for
 
 PROMPTS = ["12+34=", "7+8="]
 
