@@ -15,9 +15,8 @@ from heads.headset import INDEX
 from heads.modules import KINDS, artifact_paths
 from heads.train import HeadSpec, fit_head
 from runtime.work import run_items
-from storage.artifacts import HEADS_KIND, load_alignment, load_layermap
+from storage.artifacts import HEADS_KIND, IDENTITY_FIELDS, load_alignment, load_layermap, store_identity
 from storage.files import atomic_write_text, sha256_bytes
-from storage.identity import IDENTITY_FIELDS, store_identity
 
 
 @dataclass

@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 
 import storage
-from storage.artifacts import HEATMAP_PNG, LAYERMAP_JSON, LAYERMAP_KIND, LAYERMAP_VERSION, load_alignment
+from storage.artifacts import (HEATMAP_PNG, LAYERMAP_JSON, LAYERMAP_KIND, LAYERMAP_VERSION, check_same_text,
+                               load_alignment, store_identity)
 from storage.files import atomic_write_text
-from storage.identity import check_same_text, store_identity
 from storage.layout import StoreError
 from storage.reader import ActivationStore
 

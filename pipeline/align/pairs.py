@@ -28,9 +28,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import storage
-from storage.artifacts import ALIGN_JSON, ALIGN_KIND, ALIGN_VERSION, PAIRS_FILE, PAIRS_SCHEMA
+from storage.artifacts import (ALIGN_JSON, ALIGN_KIND, ALIGN_VERSION, IDENTITY_FIELDS, PAIRS_FILE, PAIRS_SCHEMA,
+                               check_same_text, store_identity)
 from storage.files import atomic_path
-from storage.identity import IDENTITY_FIELDS, check_same_text, store_identity
 from storage.layout import StoreError
 from storage.reader import ActivationStore
 
