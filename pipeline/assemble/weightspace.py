@@ -41,11 +41,59 @@ def to_lora(d_w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (root[:, None] * vh[:rank]).float(), (u[:, :rank] * root).float()
 
 
+def _lora_keys(peft) -> dict[tuple[int, str], torch.nn.Module]:
+    """(layer, module name) -> the PEFT LoRA layer there."""
+    found = {}
+    for name, module in peft.named_modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            parts = name.split(".")
+            found[(int(parts[parts.index("layers") + 1]), parts[-1])] = module
+    return found
+
+
+def set_lora(peft, updates: dict[tuple[int, str], tuple], zero_rest: bool = False) -> None:
+    """Copy (A, B[, bias]) factors into a PeftModel's "default" LoRA, per (layer, module);
+    a factor narrower than the adapter's rank is zero-padded. Modules without an update
+    are zeroed with zero_rest, else left as PEFT initialised them (a random A, a zero B)."""
+    with torch.no_grad():
+        for key, module in _lora_keys(peft).items():
+            update = updates.get(key)
+            if update is None and not zero_rest:
+                continue
+            lin_a, lin_b = module.lora_A["default"], module.lora_B["default"]
+            lin_a.weight.zero_()
+            lin_b.weight.zero_()
+            if lin_b.bias is not None:
+                lin_b.bias.zero_()
+            if update is not None:
+                lin_a.weight[:update[0].shape[0]].copy_(update[0])
+                lin_b.weight[:, :update[1].shape[1]].copy_(update[1])
+                if len(update) > 2:
+                    lin_b.bias.copy_(update[2])
+
+
+def write_lora(target_model, updates: dict[tuple[int, str], tuple], modules: list[str], rank: int,
+               out: str | Path, bias: bool = False) -> None:
+    """Write a plain PEFT adapter for `target_model` holding `updates` (see set_lora) at
+    scale 1 (lora_alpha = r); every other layer's module gets a zero update. The model
+    is left as it was."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=modules, lora_dropout=0.0, bias="none",
+                     lora_bias=bias, task_type="CAUSAL_LM")
+    peft = get_peft_model(target_model, cfg)
+    try:
+        # Modules without an update hold zeros rather than PEFT's random A: inert either
+        # way (B starts at zero), but a zero in the file says what it is.
+        set_lora(peft, updates, zero_rest=True)
+        peft.save_pretrained(Path(out))
+    finally:
+        peft.unload()
+
+
 def weightspace_adapter(adapter: str | Path, source_model, target_model, mapping: dict[int, int],
                         out: str | Path, carry: str = "all") -> dict:
     """Write a PEFT adapter for the target transferred in weight space from `adapter`."""
-    from peft import LoraConfig, get_peft_model
-
     lw: LoraWeights = read_lora(adapter)
     assignment = assign_layers(lw.source_layers, mapping, carry)
     _, src_blocks = get_layer_list(source_model)
@@ -63,21 +111,8 @@ def weightspace_adapter(adapter: str | Path, source_model, target_model, mapping
                 w_s = find_linear(src_blocks[s], module).weight.detach()
                 total += project_update(lw.scale * b @ a, w_s, w_t)
             updates[(t, module)] = to_lora(total, rank)
-    cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=lw.modules, lora_dropout=0.0, bias="none",
-                     task_type="CAUSAL_LM")
-    peft = get_peft_model(target_model, cfg)
-    with torch.no_grad():
-        for name, module in peft.named_modules():
-            if not hasattr(module, "lora_A") or "default" not in getattr(module, "lora_A", {}):
-                continue
-            parts = name.split(".")
-            layer, mod = int(parts[parts.index("layers") + 1]), parts[-1]
-            a, b = updates.get((layer, mod), (None, None))
-            module.lora_A["default"].weight.copy_(a if a is not None else torch.zeros_like(module.lora_A["default"].weight))
-            module.lora_B["default"].weight.copy_(b if b is not None else torch.zeros_like(module.lora_B["default"].weight))
     out = Path(out)
-    peft.save_pretrained(out)
-    peft.unload()
+    write_lora(target_model, updates, lw.modules, rank, out)
     info = {"method": "svd-subspace projection (index-matched singular bases)", "origin": str(adapter),
             "rank": rank, "carry": carry, "assignment": {str(t): s for t, s in assignment.items()}}
     (out / "weightspace.json").write_text(json.dumps(info, indent=1))
