@@ -127,28 +127,37 @@ def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, 
     return {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "target": target, "prompt_width": P}
 
 
-def answer_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """Mean cross-entropy over continuation tokens (answer + eos) only.
+def causal_lm_logits(model: torch.nn.Module, select: torch.Tensor | None = None, **inputs) -> torch.Tensor:
+    """Float32 next-token logits at the `select`ed (batch, column) positions only, in
+    row-major order (all positions when None), as (positions, vocab).
 
-    The LM head runs on those positions alone, as one 2-D matmul: for Gemma's 262k-row
-    head, the batched (3-D) head over every column was 2/3 of a training step."""
-    P = batch["prompt_width"]
-    tgt = batch["input_ids"][:, P:]
-    sel = batch["target"][:, P:]
+    The LM head runs on those rows alone, as one 2-D matmul: for Gemma's 262k-row head,
+    the batched (3-D) head over every column was 2/3 of a training step. Works through
+    PEFT wrappers and forward hooks (both live inside the decoder)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     head = base.get_output_embeddings()
     if decoder is None or head is None:  # not a standard *ForCausalLM: let it compute the logits
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    position_ids=batch["position_ids"], use_cache=False)
-        return torch.nn.functional.cross_entropy(out.logits[:, P - 1:-1][sel].float(), tgt[sel])
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     position_ids=batch["position_ids"], use_cache=False).last_hidden_state
-    logits = head(hidden[:, P - 1:-1][sel])  # column P-1+j predicts token P+j
+        logits = model(**inputs, use_cache=False).logits
+        return (logits.flatten(0, 1) if select is None else logits[select]).float()
+    hidden = decoder(**inputs, use_cache=False).last_hidden_state
+    logits = head(hidden.flatten(0, 1) if select is None else hidden[select])
     cap = getattr(base.config, "final_logit_softcapping", None)
     if cap:  # what Gemma-2-style heads do after the matmul
         logits = torch.tanh(logits / cap) * cap
-    return torch.nn.functional.cross_entropy(logits.float(), tgt[sel])
+    return logits.float()
+
+
+def answer_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Mean cross-entropy over continuation tokens (answer + eos) only."""
+    P = batch["prompt_width"]
+    tgt = batch["input_ids"][:, P:]
+    sel = batch["target"][:, P:]
+    select = torch.zeros_like(batch["target"])
+    select[:, P - 1:-1] = sel  # column P-1+j predicts token P+j
+    logits = causal_lm_logits(model, select, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              position_ids=batch["position_ids"])
+    return torch.nn.functional.cross_entropy(logits, tgt[sel])
 
 
 def _schedule(steps: int):
