@@ -12,15 +12,16 @@ import typing
 
 
 def field_docs(cls) -> dict[str, str]:
-    """The string literal that follows each field in the class body."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
+    """The string literal that follows each field in the class body, or in the body of the
+    dataclass it extends (a stage config may extend another's, as export does distill's)."""
     docs = {}
-    for stmt, nxt in zip(body, body[1:]):
-        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant)
-                and isinstance(nxt.value.value, str)):
-            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for stmt, nxt in zip(body, body[1:]):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                docs[stmt.target.id] = " ".join(nxt.value.value.split())
     return docs
 
 
@@ -37,7 +38,8 @@ def _set_field_doc(f: dataclasses.Field) -> str:
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, positional: tuple[str, ...] = ()) -> None:
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    own = inspect.get_annotations(cls)  # a config's own flags first, then those it extends
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
         typ = hints[f.name]
         base = [a for a in typing.get_args(typ) if a is not type(None)]
         typ = base[0] if base else typ
