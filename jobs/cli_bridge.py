@@ -1,4 +1,5 @@
-"""`cast transfer`, `cast generate`, `cast validate`: assembling and judging the bridge."""
+"""`cast transfer`, `cast generate`, `cast export`, `cast validate`: assembling, exporting
+and judging the bridge."""
 from __future__ import annotations
 
 import json
@@ -37,6 +38,25 @@ def cmd_generate(ns) -> int:
     return 0
 
 
+def cmd_export(ns) -> int:
+    """Write a bridged artifact as a plain PEFT LoRA for its target (adapter_config.json,
+    adapter_model.safetensors, cast_export.json with provenance and measured fidelity), to
+    load with PeftModel.from_pretrained, merge, or serve like any other LoRA.
+
+    Ridge bridges fold exactly into a LoRA: each source layer carried onto a module adds
+    its rank, --rank cuts back by SVD (the loss is reported), and the constant term a
+    LoRA cannot hold is measured on held-out text and reported (--bias carries it as
+    lora_bias). MLP bridges are distilled: a LoRA of --rank is trained to match the bridged
+    model's next-token distributions on corpus text the stores never read (resumable:
+    rerun the same command), and its agreement on held-out text is reported."""
+    from pipeline.assemble.export import ExportConfig, export_peft
+
+    info = export_peft(to_dataclass(ExportConfig, ns), progress=not ns.quiet)
+    print(json.dumps({"out": ns.out, "target": info["target"]["model"], "method": info["method"],
+                      "rank": info["rank"], "fidelity": info.get("fidelity")}, indent=2))
+    return 0
+
+
 def cmd_validate(ns) -> int:
     """Evaluate on the task's held-out test split: target base, target + a LoRA retrained on
     the target with the source adapter's recipe, target + CAST (mlp and ridge heads), target
@@ -60,5 +80,8 @@ def _generate_args(p) -> None:
 TRANSFER = Command("package a source LoRA + the heads it needs into a bridged artifact", cmd_transfer,
                    config="pipeline.assemble.transfer:TransferConfig")
 GENERATE = Command("greedy completion from a bridged target model", cmd_generate, add_args=_generate_args)
+EXPORT = Command("write a bridged artifact as a plain PEFT LoRA for the target (ridge: folded, mlp: distilled)",
+                 cmd_export, config="pipeline.assemble.export:ExportConfig", positional=("bridged",),
+                 quiet="no progress bar")
 VALIDATE = Command("score base / retrained / CAST / ridge CAST / weight-space on a task", cmd_validate,
                    config="pipeline.assemble.validate:ValidateConfig", quiet="no progress bars")

@@ -40,6 +40,7 @@ STAGES: dict[str, Command] = {
     "evaluate": cli_lora.EVALUATE,
     "transfer": cli_bridge.TRANSFER,
     "generate": cli_bridge.GENERATE,
+    "export": cli_bridge.EXPORT,
     "validate": cli_bridge.VALIDATE,
     "run": cli_run.RUN,
 }

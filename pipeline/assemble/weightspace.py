@@ -15,6 +15,7 @@ a plain PEFT adapter for the target. No data is used, only the two models' weigh
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -86,7 +87,9 @@ def write_lora(target_model, updates: dict[tuple[int, str], tuple], modules: lis
         # Modules without an update hold zeros rather than PEFT's random A: inert either
         # way (B starts at zero), but a zero in the file says what it is.
         set_lora(peft, updates, zero_rest=True)
-        peft.save_pretrained(Path(out))
+        with warnings.catch_warnings():  # peft takes a 1-D lora_B.bias for an unsaved ZeRO-3 shard; it is not
+            warnings.filterwarnings("ignore", message=".*LoRA tensor\\(s\\) have invalid shape.*")
+            peft.save_pretrained(Path(out))
     finally:
         peft.unload()
 

@@ -15,29 +15,58 @@ from storage.artifacts import HEADS_KIND
 def identity_heads(root: Path, model_name: str, kind: str, sites: list[str]) -> Path:
     """A head set mapping model_name onto itself with identity heads at every layer;
     kind "mlp,ridge" makes both kinds."""
-    lm = load_model(model_name)
-    n = len(get_layer_list(lm.model)[1])
-    ident = {"path": "-", "model": model_name, "weights_hash": lm.info.weights_hash,
-             "tokenizer_hash": lm.info.tokenizer_hash}
+    def make(head: ProjectionHead, g: torch.Generator) -> None:
+        head.linear.weight.copy_(torch.eye(head.cfg.in_dim))
+        head.linear.bias.zero_()
+        if head.cfg.kind == "mlp":  # a nonzero MLP whose effect cancels in D(y+d)-D(y) only if d=0
+            head.up.weight.normal_()
+
+    n = len(get_layer_list(load_model(model_name).model)[1])
+    return _head_set(root, model_name, model_name, kind, sites, {i: i for i in range(n)}, make)
+
+
+def random_heads(root: Path, source: str, target: str, kind: str, sites: list[str], mapping: dict[int, int],
+                 offsets: bool = True) -> Path:
+    """Random heads from `target` to `source` and back, with random standardisation
+    statistics; offsets=False zeroes every mean and bias (a fold without constant term)."""
+    def make(head: ProjectionHead, g: torch.Generator) -> None:
+        head.linear.weight.copy_(torch.randn(head.linear.weight.shape, generator=g) / head.cfg.in_dim ** 0.5)
+        head.in_std.copy_(torch.rand(head.cfg.in_dim, generator=g) + 0.5)
+        head.out_std.copy_(torch.rand(head.cfg.out_dim, generator=g) + 0.5)
+        for t in (head.linear.bias, head.in_mean, head.out_mean):
+            t.copy_(torch.randn(t.shape, generator=g) * 0.5 if offsets else torch.zeros(t.shape))
+        if head.cfg.kind == "mlp":
+            for lin in (head.up, head.down):
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.3)
+
+    return _head_set(root, source, target, kind, sites, mapping, make)
+
+
+def _head_set(root: Path, source: str, target: str, kind: str, sites: list[str], mapping: dict[int, int],
+              make) -> Path:
+    """Encoder (target -> source) and decoder heads per mapped layer and site, each set by
+    make(head, generator) under no_grad, and their index."""
+    models = {"source": load_model(source), "target": load_model(target)}
+    ident = {role: {"path": "-", "model": lm.info.name, "weights_hash": lm.info.weights_hash,
+                    "tokenizer_hash": lm.info.tokenizer_hash} for role, lm in models.items()}
+    g = torch.Generator().manual_seed(0)
     heads = []
-    for layer in range(n):
-        for site, head_kind in ((s, k) for s in sites for k in kind.split(",")):
-            dim = site_dim(lm.model, site)
-            for direction in ("encoder", "decoder"):
-                head = ProjectionHead(HeadConfig(kind=head_kind, in_dim=dim, out_dim=dim, hidden=16))
+    for t, s in sorted(mapping.items()):
+        for site, head_kind in ((x, k) for x in sites for k in kind.split(",")):
+            dims = {role: site_dim(lm.model, site) for role, lm in models.items()}
+            for direction, (d_in, d_out) in (("encoder", (dims["target"], dims["source"])),
+                                             ("decoder", (dims["source"], dims["target"]))):
+                head = ProjectionHead(HeadConfig(kind=head_kind, in_dim=d_in, out_dim=d_out, hidden=16))
                 with torch.no_grad():
-                    head.linear.weight.copy_(torch.eye(dim))
-                    head.linear.bias.zero_()
-                    if head_kind == "mlp":  # a nonzero MLP whose effect cancels in D(y+d)-D(y) only if d=0
-                        head.up.weight.normal_()
-                spec = {"direction": direction, "source_layer": layer, "target_layer": layer, "site": site,
+                    make(head, g)
+                spec = {"direction": direction, "source_layer": s, "target_layer": t, "site": site,
                         "kind": head_kind}
-                name = f"{direction}/{site}/T{layer:02d}-S{layer:02d}.{head_kind}"
+                name = f"{direction}/{site}/T{t:02d}-S{s:02d}.{head_kind}"
                 (root / name).parent.mkdir(parents=True, exist_ok=True)
                 head.save(root / name, {"spec": spec, "hash": "x", "metrics": {}})
                 heads.append({"name": name, "spec": spec, "hash": "x", "metrics": {}})
     index = {"kind": HEADS_KIND, "version": 1, "heads": heads,
-             "inputs": {"source": ident, "target": ident, "layermap": {str(i): i for i in range(n)}}}
+             "inputs": {**ident, "layermap": {str(t): s for t, s in mapping.items()}}}
     (root / "index.json").write_text(json.dumps(index))
     return root
 
