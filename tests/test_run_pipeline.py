@@ -19,7 +19,8 @@ def test_cast_run_on_tiny_models_then_resume(tmp_path, corpus_dir, capsys):
     run = tmp_path / "run"
     report = json.loads((run / "validate" / "add2" / "report.json").read_text())
     assert set(report["systems"]) == {"source base", "source + LoRA", "target base", "target + retrained LoRA",
-                                      "target + CAST (mlp)", "target + CAST (ridge)", "target + weight-space"}
+                                      "target + CAST (mlp)", "target + CAST (ridge)", "target + CAST exported",
+                                      "target + weight-space"}
     assert report["n"] == 6
     assert {"recovery", "ratio"} <= set(report["transfer"]["target + CAST (mlp)"])
     for f in ("report.md", "report.png"):

@@ -1,7 +1,8 @@
 """`cast validate`: does the behaviour carry over? One report per task comparing
 
     target base | target + LoRA retrained on target (same recipe) | target + CAST (mlp heads)
-    target + CAST (ridge heads) | target + weight-space transfer | source base | source + LoRA
+    target + CAST (ridge heads) | target + CAST exported (the ridge bridge as a plain PEFT LoRA)
+    target + weight-space transfer | source base | source + LoRA
 
 with recovery = (CAST - base) / (retrained - base) and ratio = CAST / retrained, each with
 a paired bootstrap interval over the test examples. JSON, Markdown and a bar chart.
@@ -93,6 +94,7 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> dict:
     from pipeline.lora.tasks import load_task
     from pipeline.assemble.transfer import TransferConfig, check_adapter, load_bridged, run_transfer
     from pipeline.assemble.weightspace import weightspace_adapter
+    from pipeline.assemble.export import ExportConfig, export_peft
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,6 +136,11 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> dict:
                                     carry=cfg.carry, force=True))
         bridged = load_bridged(path, device=cfg.device)
         score(f"target + CAST ({kind})", bridged.model, bridged.tokenizer)
+    # The ridge bridge folded into a plain PEFT LoRA (cast export): does serving it keep the behaviour?
+    export_peft(ExportConfig(bridged=str(out / "bridged-ridge"), out=str(out / "exported-lora"), force=True,
+                             eval_sequences=0, device=cfg.device))
+    score("target + CAST exported", load_adapter(load_model(tgt_name, device=cfg.device).model, out / "exported-lora"),
+          tgt.tokenizer)
     ws_path = out / "weightspace-lora"
     # Fresh copies: PEFT wrapped the models above in place.
     weightspace_adapter(cfg.adapter, load_model(src_name, device=cfg.device).model,
@@ -147,7 +154,7 @@ def write_report(cfg, task_name: str, results: dict, out: Path, seconds: float, 
     vec = {k: [float(p["correct"]) for p in r.predictions] for k, r in results.items()}
     base, ref = vec["target base"], vec["target + retrained LoRA"]
     derived = {}
-    for k in ("target + CAST (mlp)", "target + CAST (ridge)", "target + weight-space"):
+    for k in ("target + CAST (mlp)", "target + CAST (ridge)", "target + CAST exported", "target + weight-space"):
         rec, rat = paired_ratio_ci(vec[k], base, ref, cfg.n_boot)
         derived[k] = {"recovery": rec, "ratio": rat}
     report = {"task": task_name, "source": src_name, "target": tgt_name, "n": len(base), "seconds": seconds,

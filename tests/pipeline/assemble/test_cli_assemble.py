@@ -76,8 +76,8 @@ def test_validate_on_a_self_bridge_reproduces_the_lora(made, tmp_path, capsys):
              for f in (out / "predictions").glob("*.json")}
     lora = preds.pop("source_plus_LoRA")
     assert lora != preds["source_base"]  # the LoRA changes what the model says
-    for system in ("target_plus_CAST_mlp", "target_plus_CAST_ridge", "target_plus_retrained_LoRA",
-                   "target_plus_weight-space"):
+    for system in ("target_plus_CAST_mlp", "target_plus_CAST_ridge", "target_plus_CAST_exported",
+                   "target_plus_retrained_LoRA", "target_plus_weight-space"):
         assert preds[system] == lora, system
     assert (out / "bridged-mlp" / "manifest.json").exists() and (out / "report.png").stat().st_size > 0
 
