@@ -14,13 +14,14 @@ D_M · sum_j s_j B_j A_j (E_M x + E_k). Hence, per module,
 (the decoder's offsets cancel in D(y + d) - D(y)). The source layers carried onto one
 module concatenate their ranks; `--rank` cuts each module's dW back by truncated SVD and
 reports what that loses. A bias-free LoRA cannot hold c: it is measured against the
-module's output on held-out text and reported, or carried with `--bias` as PEFT's
-lora_bias (PeftModel.from_pretrained loads it; merge_and_unload refuses modules that have
-no bias of their own, and serving engines often ignore lora_bias).
+module's output on held-out text and reported, and by default dropped; `--bias` carries
+it exactly as PEFT's lora_bias (PeftModel.from_pretrained loads it; merge_and_unload
+refuses modules that have no bias of their own, and serving engines often ignore it);
+`--absorb` fits it into one more rank from the stores' input statistics (see absorb()).
 
 MLP bridges are nonlinear: a LoRA of `--rank` on the same modules is distilled
 (distill.py) to the bridged model's next-token distributions, starting from the fold of
-the heads' linear paths.
+the heads' linear paths (constant absorbed, cut to the rank).
 """
 from __future__ import annotations
 
@@ -59,7 +60,10 @@ class ExportConfig(DistillConfig):
     an SVD cut of it. MLP: the distilled LoRA's rank (0: the same number)."""
     bias: bool = False
     """Ridge: carry the fold's constant term as PEFT lora_bias (exact, but then merge_and_unload fails on modules
-    without a bias); without it the term is dropped, measured and reported."""
+    without a bias); without it or --absorb the term is dropped, measured and reported."""
+    absorb: bool = False
+    """Ridge: fold the constant term into one more rank, c·vᵀx with v fitted to the module input's mean and variance
+    (the stores' statistics): approximate, but a plain, mergeable LoRA."""
     force: bool = False
     """Replace an existing --out."""
     device: str | None = None
@@ -81,6 +85,14 @@ def fold(bridge: SiteBridge) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     a = [getattr(bridge, f"A{i}").double() for i in range(len(bridge.scales))]
     b = torch.cat([s * d_m @ getattr(bridge, f"B{i}").double() for i, s in enumerate(bridge.scales)], dim=1)
     return torch.cat([a_j @ e_m for a_j in a]), b, b @ torch.cat([a_j @ e_k for a_j in a])
+
+
+def absorb(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, enc_in: ProjectionHead):
+    """The factors with c carried as one more rank, c·vᵀx. v minimises E(1 - vᵀx)² for inputs of the
+    stores' mean m and diagonal variance S (the encoder's standardisation): v = S⁻¹m / (1 + mᵀS⁻¹m).
+    Where the module's inputs share a strong mean direction (mᵀS⁻¹m large), vᵀx stays near 1."""
+    m, w = enc_in.in_mean.double(), enc_in.in_mean.double() / enc_in.in_std.double() ** 2
+    return torch.cat([a, (w / (1 + m @ w))[None]]), torch.cat([b, c[:, None]], dim=1)
 
 
 def cut(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -135,15 +147,21 @@ def export_peft(cfg: ExportConfig, progress: bool = True) -> dict:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.force:
         raise BridgeError(f"--out {out} exists and is not empty; choose another path or pass --force")
     kind = manifest["head_kind"]
-    if cfg.rank < 0 or (cfg.bias and kind != "ridge"):
-        raise BridgeError(f"--rank {cfg.rank} must be 0 or more; --bias applies to ridge bridges only")
+    if cfg.rank < 0:
+        raise BridgeError(f"--rank {cfg.rank}: must be 0 (the full fold) or more")
+    if (cfg.bias or cfg.absorb) and (kind != "ridge" or cfg.bias == cfg.absorb):
+        raise BridgeError("--bias and --absorb apply to ridge bridges only, and one at a time")
     check_heads(path, manifest)
-    folds = {key: fold(b) for key, b in build_bridges(path, manifest).items()}
-    holds = max(a.shape[0] for a, _, _ in folds.values())
+    bridges = build_bridges(path, manifest)
+    folds = {key: fold(b) for key, b in bridges.items()}
+    # The source rank times the most source layers carried onto one module (+1: an absorbed constant).
+    holds = max(a.shape[0] for a, _, _ in folds.values()) + cfg.absorb
+    if cfg.absorb or kind == "mlp":  # for mlp, the distillation's start (see _export_mlp)
+        folds = {key: (*absorb(a, b, c, bridges[key].enc_in), c) for key, (a, b, c) in folds.items()}
     if kind == "ridge" and cfg.rank > holds:
         raise BridgeError(f"--rank {cfg.rank} is above what the update holds: {holds} (the source rank times the "
-                          f"most source layers carried onto one module); pass --rank {holds} or less, or omit it "
-                          f"for the exact fold")
+                          f"most source layers carried onto one module{', plus one' if cfg.absorb else ''}); pass "
+                          f"--rank {holds} or less, or omit it for the full fold")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rank = cfg.rank or holds
@@ -185,10 +203,13 @@ def _export_ridge(cfg, folds, rank, path, target, staged, text) -> dict:
     write_lora(target.model, updates, sorted({m for _, m in folds}), rank, staged, bias=cfg.bias)
     full = torch.stack([(b @ a).norm() for a, b, _ in folds.values()])
     lost = torch.tensor([errors[k] for k in folds], dtype=torch.float64) * full
-    info = {"method": "ridge fold" + (" (exact)" if not lost.any() else f", SVD cut to rank {rank}"),
+    constant = "carried as lora_bias" if cfg.bias else "absorbed into one more rank" if cfg.absorb else "dropped"
+    exact = not lost.any() and not cfg.absorb and (cfg.bias or not any(c.any() for _, _, c in folds.values()))
+    info = {"method": "ridge fold" + (f", SVD cut to rank {rank}" if lost.any() else "") + f", constant term {constant}"
+                      + (" (exact)" if exact else ""),
             "rank_cut": {"relative_frobenius_error_max": max(errors.values()),
                          "relative_frobenius_error_total": (lost.norm() / full.norm()).item()},
-            "constant_term": {"carried_as_lora_bias": cfg.bias,
+            "constant_term": {"handling": constant,
                               "norm": {_name(k): c.norm().item() for k, (_, _, c) in folds.items()}}}
     _log(f"ridge fold of {len(folds)} modules at rank {rank}; relative Frobenius error of the rank cut: "
          f"max {info['rank_cut']['relative_frobenius_error_max']:.4g}, "
@@ -196,7 +217,7 @@ def _export_ridge(cfg, folds, rank, path, target, staged, text) -> dict:
     if cfg.eval_sequences:
         _, held, info["text"] = corpus_sequences(n_train=0, **text)
         exported = load_adapter(target.model, staged)
-        info |= _measure_ridge(cfg, folds, path, exported, held, bool(lost.any()))
+        info |= _measure_ridge(cfg, folds, path, exported, held, bool(lost.any()), constant)
         exported.unload()
     return info
 
@@ -205,9 +226,9 @@ def _name(key: tuple[int, str]) -> str:
     return f"L{key[0]:02d}.{key[1]}"
 
 
-def _measure_ridge(cfg, folds, path, exported, held, was_cut: bool) -> dict:
+def _measure_ridge(cfg, folds, path, exported, held, was_cut: bool, constant: str) -> dict:
     """The export against the bridged model on held-out text; the constant term's size
-    against the module outputs there, and what dropping it and cutting the rank each change."""
+    against the module outputs there, what dropping it changes, and what the rank cut does."""
     bridged = load_bridged(path, device=cfg.device)
     _, blocks = get_layer_list(bridged.model)
     state = {"shift": False, "norms": {k: [0.0, 0] for k in folds}}
@@ -218,13 +239,13 @@ def _measure_ridge(cfg, folds, path, exported, held, was_cut: bool) -> dict:
                 n = state["norms"][key]
                 n[0], n[1] = n[0] + out.float().norm(dim=-1).sum().item(), n[1] + out.shape[:-1].numel()
 
-        def after_bridge(module, args, out):  # the bridged model as the bias-free full-rank fold is
+        def after_bridge(module, args, out):  # the bridged model without its constant term
             return out - c.to(out.dtype) if state["shift"] else None
         return before_bridge, after_bridge
 
     for key, (_, _, c) in folds.items():
         module = find_linear(blocks[key[0]], key[1])
-        before, after = probe(key, c.to(bridged.device))
+        before, after = probe(key, c.float().to(bridged.device))
         module.register_forward_hook(before, prepend=True)
         module.register_forward_hook(after)
 
@@ -236,23 +257,23 @@ def _measure_ridge(cfg, folds, path, exported, held, was_cut: bool) -> dict:
             state["shift"] = False
 
     systems = {"bridged": model_logits(bridged.model), "export": model_logits(exported), "bridged - c": shifted}
-    pairs = [("bridged", "export")] + ([] if cfg.bias else [("bridged", "bridged - c")])
-    pairs += [("bridged - c", "export")] if was_cut and not cfg.bias else []
-    stats = agreement(systems, pairs, held, cfg.batch_size)
-    rel = {_name(k): folds[k][2].norm().item() / max(s / max(n, 1), 1e-30) for k, (s, n) in state["norms"].items()}
-    info = {"fidelity": {"vs_bridged": stats["bridged vs export"]}}
-    info["constant_term_relative"] = {"max": max(rel.values()), "mean": sum(rel.values()) / len(rel),
-                                      "per_module": rel}
-    _log(f"constant term |c| / mean |module output|: max {max(rel.values()):.4g}, mean "
-         f"{sum(rel.values()) / len(rel):.4g} ({'carried as lora_bias' if cfg.bias else 'dropped; --bias carries it'})")
+    pairs = {"vs_bridged": ("bridged", "export")}
     if not cfg.bias:
-        info["fidelity"]["dropping_the_constant"] = stats["bridged vs bridged - c"]
-        _log(f"dropping the constant term changes: {_summary(stats['bridged vs bridged - c'])}")
-    if was_cut and not cfg.bias:
-        info["fidelity"]["rank_cut"] = stats["bridged - c vs export"]
-        _log(f"the rank cut changes: {_summary(stats['bridged - c vs export'])}")
-    _log(f"export vs bridged: {_summary(stats['bridged vs export'])}")
-    return info
+        pairs["dropping_the_constant"] = ("bridged", "bridged - c")
+    if was_cut and not cfg.absorb:  # the rank cut alone: against the full fold with the same constant handling
+        pairs["rank_cut"] = ("bridged", "export") if cfg.bias else ("bridged - c", "export")
+    stats = agreement(systems, list(dict.fromkeys(pairs.values())), held, cfg.batch_size)
+    fidelity = {name: stats[f"{a} vs {b}"] for name, (a, b) in pairs.items()}
+    rel = {_name(k): folds[k][2].norm().item() / max(s / max(n, 1), 1e-30) for k, (s, n) in state["norms"].items()}
+    _log(f"constant term |c| / mean |module output|: max {max(rel.values()):.4g}, mean "
+         f"{sum(rel.values()) / len(rel):.4g}; {constant}" + ("" if cfg.bias or cfg.absorb else
+                                                              " (--bias or --absorb carry it)"))
+    for name, what in (("dropping_the_constant", "dropping the constant term alone"),
+                       ("rank_cut", "the rank cut alone"), ("vs_bridged", "the export against the bridge")):
+        if name in fidelity and (name == "vs_bridged" or pairs[name] != pairs["vs_bridged"]):
+            _log(f"{what}: {_summary(fidelity[name])}")
+    return {"fidelity": fidelity, "constant_term_relative": {"max": max(rel.values()),
+                                                             "mean": sum(rel.values()) / len(rel), "per_module": rel}}
 
 
 def _export_mlp(cfg, folds, rank, path, target, staged, text, key: str, progress) -> dict:
@@ -262,8 +283,8 @@ def _export_mlp(cfg, folds, rank, path, target, staged, text, key: str, progress
     student = get_peft_model(target.model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0,
                                                       target_modules=sorted({m for _, m in folds}),
                                                       task_type="CAUSAL_LM"))
-    # Start from the heads' linear paths folded: near the bridge already, where PEFT's
-    # zero start would begin at the bare target.
+    # Start from the heads' linear paths folded, their constant absorbed: near the bridge
+    # already, where PEFT's zero start would begin at the bare target.
     set_lora(student, {key: cut(a, b, rank)[:2] for key, (a, b, _) in folds.items()})
     bridged = load_bridged(path, device=cfg.device)
     systems = {"bridged": model_logits(bridged.model), "export": model_logits(student)}
@@ -275,7 +296,7 @@ def _export_mlp(cfg, folds, rank, path, target, staged, text, key: str, progress
         _log(f"{when}: {_summary(stats)}")
         return stats
 
-    start = measure(f"rank-{rank} LoRA at the start (the linear paths' fold)")
+    start = measure(f"rank-{rank} LoRA at the start (the linear paths' fold, constant absorbed)")
     run = distill(student, systems["bridged"], train, cfg, _checkpoint_dir(Path(cfg.out)), key=key,
                   progress=progress)
     end = measure(f"distilled for {cfg.steps} steps ({run['seconds']} s here)")

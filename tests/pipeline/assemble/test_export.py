@@ -11,11 +11,11 @@ import textwrap
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from jobs.cli import main
 from pipeline.assemble.bridge import BridgeError
-from pipeline.assemble.export import EXPORT_FILE, ExportConfig, export_peft
+from heads.modules import HeadConfig, ProjectionHead
+from pipeline.assemble.export import EXPORT_FILE, ExportConfig, absorb, export_peft
 from pipeline.assemble.transfer import TransferConfig, load_bridged, run_transfer
 from pipeline.cache.models import load_model
 from pipeline.lora.adapters import load_adapter
@@ -44,7 +44,8 @@ def test_ridge_export_has_the_bridged_logits(tmp_path, carry, offsets, rank):
     """One and several carried source layers; with offsets the constant term rides as lora_bias."""
     bridged = bridged_artifact(tmp_path, carry=carry, offsets=offsets)
     info = export_peft(ExportConfig(bridged=str(bridged), out=str(tmp_path / "x"), bias=offsets, eval_sequences=0))
-    assert info["rank"] == rank and info["method"] == "ridge fold (exact)"
+    assert info["rank"] == rank and info["method"].startswith("ridge fold, constant term ")
+    assert info["method"].endswith("(exact)")
     cfg = json.loads((tmp_path / "x" / "adapter_config.json").read_text())
     assert cfg["r"] == rank and cfg["lora_alpha"] == rank and cfg["lora_bias"] is offsets
     assert cfg["base_model_name_or_path"] == load_model(TGT).info.path
@@ -100,7 +101,7 @@ def test_rank_cut_and_measured_fidelity(tmp_path, corpus_dir):
     bridged = bridged_artifact(tmp_path)
     text = dict(corpus=str(corpus_dir), seq_len=8, eval_sequences=3, batch_size=2)
     info = export_peft(ExportConfig(bridged=str(bridged), out=str(tmp_path / "x"), rank=3, **text))
-    assert info["method"] == "ridge fold, SVD cut to rank 3"
+    assert info["method"] == "ridge fold, SVD cut to rank 3, constant term dropped"
     assert json.loads((tmp_path / "x" / "adapter_config.json").read_text())["r"] == 3
     assert 0 < info["rank_cut"]["relative_frobenius_error_total"] <= info["rank_cut"]["relative_frobenius_error_max"] < 1
     fid = info["fidelity"]
@@ -112,6 +113,29 @@ def test_rank_cut_and_measured_fidelity(tmp_path, corpus_dir):
     exact = export_peft(ExportConfig(bridged=str(bridged), out=str(tmp_path / "x"), bias=True, force=True, **text))
     assert exact["fidelity"]["vs_bridged"]["max_abs_logit_diff"] < 1e-4
     assert exact["fidelity"]["vs_bridged"]["top1_agreement"] == 1.0
+
+
+def test_absorb_fits_the_constant_to_the_input_statistics(tmp_path, corpus_dir):
+    """v = S^-1 m / (1 + m'S^-1 m) is the least-squares v for v'x = 1 over inputs of mean m, variance S."""
+    g = torch.Generator().manual_seed(0)
+    head = ProjectionHead(HeadConfig(kind="ridge", in_dim=6, out_dim=3))
+    head.in_mean.copy_(torch.randn(6, generator=g) * 2)
+    head.in_std.copy_(torch.rand(6, generator=g) + 0.5)
+    a, b, c = torch.randn(4, 6, generator=g).double(), torch.randn(3, 4, generator=g).double(), torch.randn(3).double()
+    a1, b1 = absorb(a, b, c, head)
+    assert a1.shape == (5, 6) and b1.shape == (3, 5)
+    x = head.in_mean.double() + head.in_std.double() * torch.randn(200_000, 6, generator=g).double()
+    fit = torch.linalg.lstsq(x, torch.ones(len(x), 1, dtype=torch.float64)).solution[:, 0]
+    torch.testing.assert_close(a1[-1], fit, rtol=0.02, atol=0.02)
+    torch.testing.assert_close(b1 @ a1, b @ a + c[:, None] * a1[-1][None], rtol=1e-9, atol=1e-9)
+    # End to end: one rank more, a plain adapter (no lora_bias) that merges.
+    bridged = bridged_artifact(tmp_path)
+    info = export_peft(ExportConfig(bridged=str(bridged), out=str(tmp_path / "x"), absorb=True, corpus=str(corpus_dir),
+                                    seq_len=8, eval_sequences=2, batch_size=2))
+    assert info["rank"] == 9 and info["method"] == "ridge fold, constant term absorbed into one more rank"
+    assert set(info["fidelity"]) == {"vs_bridged", "dropping_the_constant"}
+    assert json.loads((tmp_path / "x" / "adapter_config.json").read_text())["lora_bias"] is False
+    load_adapter(load_model(TGT).model, tmp_path / "x").merge_and_unload()
 
 
 def test_mlp_bridge_is_distilled_and_gets_closer(tmp_path, corpus_dir):
@@ -140,8 +164,10 @@ def test_bad_input_is_a_message(tmp_path, capsys):
 
     assert "--rank 9 is above what the update holds: 8" in refused(bridged, "--out", tmp_path / "x", "--rank", 9)
     assert "is not a bridged artifact" in refused(tmp_path / "heads", "--out", tmp_path / "x")
-    assert "--bias applies to ridge bridges only" in refused(bridged_artifact(tmp_path / "m", kind="mlp"), "--out",
-                                                            tmp_path / "x", "--bias")
+    assert "--bias and --absorb apply to ridge bridges only" in refused(bridged_artifact(tmp_path / "m", kind="mlp"),
+                                                                        "--out", tmp_path / "x", "--bias")
+    assert "one at a time" in refused(bridged, "--out", tmp_path / "x", "--bias", "--absorb")
+    assert "above what the update holds: 9 (" in refused(bridged, "--out", tmp_path / "x", "--absorb", "--rank", 10)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
     assert "--out" in refused(bridged, "--out", tmp_path / "full") and (tmp_path / "full" / "keep.txt").exists()
