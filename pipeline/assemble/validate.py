@@ -18,6 +18,7 @@ import numpy as np
 
 from heads.headset import load_heads
 from pipeline.assemble.bridge import BridgeError, read_lora
+from storage.fs import as_path, writing
 
 
 @dataclass
@@ -94,7 +95,7 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> dict:
     from pipeline.assemble.transfer import TransferConfig, check_adapter, load_bridged, run_transfer
     from pipeline.assemble.weightspace import weightspace_adapter
 
-    out = Path(cfg.out)
+    out = as_path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = read_adapter_meta(cfg.adapter)
     if meta is None:
@@ -198,5 +199,6 @@ def plot_report(report: dict, png: Path) -> None:
     ax.set_ylim(0, 1)
     ax.set_title(f"{report['task']}: {report['source']} -> {report['target']}")
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    with writing(png) as where:  # png may be on object storage: matplotlib writes locally
+        fig.savefig(where, dpi=110)
     plt.close(fig)

@@ -21,6 +21,7 @@ import torch
 
 from pipeline.assemble.bridge import LoraWeights, assign_layers, read_lora
 from pipeline.cache.hooks import find_linear, get_layer_list
+from storage.fs import writing
 
 
 def project_update(d_ws: torch.Tensor, w_s: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
@@ -75,10 +76,10 @@ def weightspace_adapter(adapter: str | Path, source_model, target_model, mapping
             a, b = updates.get((layer, mod), (None, None))
             module.lora_A["default"].weight.copy_(a if a is not None else torch.zeros_like(module.lora_A["default"].weight))
             module.lora_B["default"].weight.copy_(b if b is not None else torch.zeros_like(module.lora_B["default"].weight))
-    out = Path(out)
-    peft.save_pretrained(out)
-    peft.unload()
     info = {"method": "svd-subspace projection (index-matched singular bases)", "origin": str(adapter),
             "rank": rank, "carry": carry, "assignment": {str(t): s for t, s in assignment.items()}}
-    (out / "weightspace.json").write_text(json.dumps(info, indent=1))
+    with writing(out) as where:  # PEFT writes local directories; out may be object storage
+        peft.save_pretrained(where)
+        (where / "weightspace.json").write_text(json.dumps(info, indent=1))
+    peft.unload()
     return info
