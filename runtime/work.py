@@ -28,6 +28,15 @@ class Hosted:
         torch.set_num_threads(threads)
         self.worker = worker_cls(*args)
 
+    def where(self) -> str:
+        """Node id, address and pid of this actor, for the log."""
+        import os
+
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return f"node {ctx.get_node_id()} ({ray.util.get_node_ip_address()}) pid {os.getpid()}"
+
     def run(self, item):
         return self.worker.run(item)
 
@@ -41,9 +50,16 @@ class Hosted:
 
 def remote_workers(ray, worker_cls: type, args: tuple, n: int, cpus_per_worker: int,
                    gpus_per_worker: float = 0.0) -> list:
-    """n Ray actors, each hosting one worker_cls(*args)."""
-    actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(Hosted)
+    """n Ray actors, each hosting one worker_cls(*args), spread over the nodes that fit
+    them (each reads and writes its own units: spreading spreads the I/O and memory too)."""
+    actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, scheduling_strategy="SPREAD")(Hosted)
     return [actor.remote(cpus_per_worker, worker_cls, args) for _ in range(n)]
+
+
+def _announce(ray, actors: list, first: int = 0) -> None:
+    """Say where each actor runs (waits until each is up: its model is loaded)."""
+    for i, where in enumerate(ray.get([a.where.remote() for a in actors]), start=first):
+        print(f"[cast] worker {i} on {where}", file=sys.stderr, flush=True)
 
 
 class _Attempts:
@@ -64,12 +80,14 @@ class _Attempts:
 
 def run_items(items: Iterable, worker_cls: type, args: tuple = (), *, workers: int, address: str | None = None,
               cpus_per_worker: int | None = None, gpus_per_worker: float = 0.0, retries: int = 0,
-              label: Callable = str, on_result: Callable | None = None) -> None:
+              label: Callable = str, on_result: Callable | None = None,
+              flags: tuple[str, str] = ("--cpus-per-worker", "--gpus-per-worker")) -> None:
     """Run every item through worker_cls(*args).run, here (workers=0) or on Ray actors.
 
     cpus_per_worker: CPUs each actor reserves (and torch threads it uses); default an
-    equal share of the cluster's CPUs. on_result(item, result) is called here, in the
-    order items finish.
+    equal share of the cluster's CPUs, at most one node's. A worker larger than every node
+    is refused, naming `flags` (the stage's resource flags). on_result(item, result) is
+    called here, in the order items finish.
     """
     queue = list(items)
     if not queue:
@@ -89,17 +107,21 @@ def run_items(items: Iterable, worker_cls: type, args: tuple = (), *, workers: i
             done(item, result)
         worker.flush()
         return
-    _run_on_ray(queue, worker_cls, args, workers, address, cpus_per_worker, gpus_per_worker, attempts, done)
+    _run_on_ray(queue, worker_cls, args, workers, address, (cpus_per_worker, gpus_per_worker, flags), attempts, done)
 
 
-def _run_on_ray(queue, worker_cls, args, workers, address, cpus_per_worker, gpus_per_worker, attempts, done):
-    from runtime.cluster import ray_session
+def _run_on_ray(queue, worker_cls, args, workers, address, resources, attempts, done):
+    from runtime.cluster import check_fits, node_resources, ray_session, worker_cpus
 
+    cpus_per_worker, gpus_per_worker, flags = resources
     with ray_session(address) as ray:
         from ray.exceptions import RayActorError
 
-        cpus = cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
+        nodes = node_resources(ray)
+        cpus = cpus_per_worker or worker_cpus(nodes, workers, gpus_per_worker)
+        check_fits(nodes, cpus, gpus_per_worker, flags)
         actors = remote_workers(ray, worker_cls, args, min(workers, len(queue)), cpus, gpus_per_worker)
+        _announce(ray, actors)
         idle, pending = list(actors), {}
         while queue or pending:
             while queue and idle:
@@ -114,6 +136,7 @@ def _run_on_ray(queue, worker_cls, args, workers, address, cpus_per_worker, gpus
                 queue.append(item)
                 if isinstance(err, RayActorError):  # its process is gone: start another
                     fresh = remote_workers(ray, worker_cls, args, 1, cpus, gpus_per_worker)[0]
+                    _announce(ray, [fresh], first=actors.index(actor))
                     actors[actors.index(actor)] = actor = fresh
             else:
                 done(item, result)
