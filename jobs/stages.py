@@ -61,6 +61,7 @@ def run_command(argv: list[str] | None = None, commands: dict[str, Command] = ST
     from pipeline.cache.corpus import CorpusError
     from pipeline.cache.hooks import SiteError
     from pipeline.cache.models import ModelError
+    from runtime.work import WorkerLost
     from storage.fs import check_location, urls_in
     from storage.layout import StoreError
 
@@ -72,6 +73,9 @@ def run_command(argv: list[str] | None = None, commands: dict[str, Command] = ST
     except (CorpusError, ModelError, StoreError, SiteError, ValueError) as e:
         print(f"cast {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except WorkerLost as e:
+        print(f"cast {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"cast {args.command}: interrupted; committed units are kept, re-run to resume", file=sys.stderr)
         return 130

@@ -62,16 +62,23 @@ def _announce(ray, actors: list, first: int = 0) -> None:
         print(f"[cast] worker {i} on {where}", file=sys.stderr, flush=True)
 
 
+class WorkerLost(RuntimeError):
+    """A Ray worker died (its process killed, its node gone) and no retry was left."""
+
+
 class _Attempts:
     """Counts failures per item; says so on stderr, and ends the run past `retries`."""
 
     def __init__(self, retries: int, label: Callable):
         self.retries, self.label, self.counts = retries, label, {}
 
-    def failed(self, item, err: BaseException) -> None:
+    def failed(self, item, err: BaseException, lost: bool = False) -> None:
         name = self.label(item)
         n = self.counts[name] = self.counts.get(name, 0) + 1
         if n > self.retries:
+            if lost:  # not the item's fault: say what happened and how to go on, not a traceback
+                raise WorkerLost(f"{name}: its Ray worker died ({str(err).splitlines()[0][:200]}); every item "
+                                 f"committed so far is kept, run the same command again to resume") from err
             if self.retries == 0:
                 raise err  # nothing was retried: the caller sees the error itself
             raise RuntimeError(f"{name} failed {n} times; last error: {err}") from err
@@ -132,7 +139,7 @@ def _run_on_ray(queue, worker_cls, args, workers, address, resources, attempts, 
             try:
                 result = ray.get(ready[0])
             except Exception as err:  # noqa: BLE001 - task errors and dead workers alike
-                attempts.failed(item, err)
+                attempts.failed(item, err, lost=isinstance(err, RayActorError))
                 queue.append(item)
                 if isinstance(err, RayActorError):  # its process is gone: start another
                     fresh = remote_workers(ray, worker_cls, args, 1, cpus, gpus_per_worker)[0]

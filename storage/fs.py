@@ -75,7 +75,8 @@ def filesystem(protocol: str, url: str = ""):
         except ValueError:
             raise StoreError(f"{url or protocol + '://'}: unknown storage scheme {protocol}://; use a local "
                              f"path or s3://, gs://, az://") from None
-        _FILESYSTEMS[protocol] = cls(use_listings_cache=False)
+        # Our own instance (not fsspec's shared cache), made with the environment of now.
+        _FILESYSTEMS[protocol] = cls(use_listings_cache=False, skip_instance_cache=True)
     return _FILESYSTEMS[protocol]
 
 
