@@ -56,15 +56,14 @@ def node_resources(ray) -> list[dict]:
             for n in ray.nodes() if n.get("Alive")]
 
 
-def autoscaling() -> bool:
-    """Whether an autoscaler watches this cluster (it may add a node that fits later)."""
-    try:
-        from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
-        from ray.experimental.internal_kv import _internal_kv_get
+AUTOSCALING_ENV = "CAST_AUTOSCALING"
 
-        return _internal_kv_get(DEBUG_AUTOSCALING_STATUS) is not None
-    except Exception:  # noqa: BLE001 - private API; without it, trust the nodes we see
-        return False
+
+def autoscaling() -> bool:
+    """Whether the cluster says it may add nodes (CAST_AUTOSCALING=1 in its environment, as
+    infra/ sets it): then a worker no current node fits waits for one. Ray offers no way to
+    ask: every head runs an autoscaler monitor, a fixed cluster's included."""
+    return os.environ.get(AUTOSCALING_ENV, "") not in ("", "0")
 
 
 def worker_cpus(nodes: list[dict], workers: int, gpus: float) -> int:
@@ -81,9 +80,11 @@ def check_fits(nodes: list[dict], cpus: float, gpus: float, flags: tuple[str, st
     if any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
         return
     have = ", ".join(f"{n['ip']} {n.get('CPU', 0):g} CPU {n.get('GPU', 0):g} GPU" for n in nodes) or "no nodes"
-    asked = f"{flags[0]} {cpus:g}" + (f" {flags[1]} {gpus:g}" if flags[1] else "")
+    asked = f"{flags[0]} {cpus:g}" + (f" {flags[1]} {gpus:g}" if flags[1] and gpus else "")
     if autoscaling():
-        print(f"[cast] {asked}: no node has that much now ({have}); waiting for the autoscaler", file=sys.stderr)
+        print(f"[cast] {asked}: no node has that much now ({have}); waiting for the autoscaler "
+              f"({AUTOSCALING_ENV} is set)", file=sys.stderr)
         return
     raise ValueError(f"{asked}: each worker would need {cpus:g} CPU(s) and {gpus:g} GPU(s) on one node, but no "
-                     f"node of the cluster has that much ({have}); ask for less or add a bigger node")
+                     f"node of the cluster has that much ({have}); ask for less or add a bigger node (on an "
+                     f"autoscaling cluster that can add one, set {AUTOSCALING_ENV}=1 on its nodes to wait for it)")
