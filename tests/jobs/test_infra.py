@@ -231,8 +231,9 @@ def test_object_storage_rayjob_shares_only_the_bucket_with_secrets_and_token_aut
         assert c["envFrom"] == [{"secretRef": {"name": "cast-s3"}}]  # endpoint and credentials from the Secret
         assert {"name": "RAY_AUTH_MODE", "value": "token"} in c["env"] and token in c["env"]
         assert {"name": "CAST_AUTOSCALING", "value": "1"} in c["env"]
-        cache = next(e["value"] for e in c["env"] if e["name"] == "CAST_CACHE")
-        assert any(m["mountPath"] == cache for m in c["volumeMounts"])  # a node-local cache
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["CAST_CACHE"] == "s3://your-bucket/cache"  # shared through the bucket,
+        assert any(m["mountPath"] == env["CAST_LOCAL_CACHE"] for m in c["volumeMounts"])  # loaded locally
     submitter = spec["submitterPodTemplate"]["spec"]["containers"][0]
     assert {"name": "RAY_AUTH_MODE", "value": "token"} in submitter["env"] and token in submitter["env"]
     # Every path a stage is given is in the bucket, and the resources come from the flags.

@@ -124,3 +124,26 @@ def test_s3_without_its_backend_installed_fails_at_once_naming_what_to_install(b
     assert proc.returncode == 2, proc.stderr
     assert f"cast verify: error: {bucket}/s.zarr: s3:// needs the s3fs package, which is not installed" in proc.stderr
     assert "pip install 'cast-transfer[s3]'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_model_cache_shared_through_a_bucket_fills_each_node_once(bucket, tmp_path, monkeypatch):
+    """CAST_CACHE=s3://...: what one node fetched and converted, another copies instead of
+    fetching again; each keeps a local copy (libraries load checkpoints from local disk)."""
+    from pipeline.cache import cache_dir, from_shared, to_shared
+
+    monkeypatch.setenv("CAST_CACHE", f"{bucket}/cache")
+    monkeypatch.setenv("CAST_LOCAL_CACHE", str(tmp_path / "node-a"))
+    local = cache_dir() / "models" / "m-1"
+    assert cache_dir() == tmp_path / "node-a" and not from_shared(local, "cast_model.json")
+    (local / "sub").mkdir(parents=True)
+    (local / "sub" / "model.safetensors").write_bytes(b"weights")
+    (local / "cast_model.json").write_text("{}")
+    to_shared(local, "cast_model.json")
+    assert set(objects(f"{bucket}/cache/models/m-1")) == {"sub/model.safetensors", "cast_model.json"}
+
+    monkeypatch.setenv("CAST_LOCAL_CACHE", str(tmp_path / "node-b"))  # another node
+    other = cache_dir() / "models" / "m-1"
+    assert from_shared(other, "cast_model.json") and files(other) == files(local)
+    monkeypatch.setenv("CAST_CACHE", "s3://no-such-bucket-cast-cache")
+    with pytest.raises(storage.StoreError, match="no-such-bucket-cast-cache: bucket .* does not exist"):
+        from_shared(other, "cast_model.json")
