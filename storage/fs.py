@@ -34,17 +34,20 @@ _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://(.*)$")
 # Scheme -> the pip extra of this project that brings its fsspec backend.
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure"}
 BACKENDS = {"s3": "s3fs", "gcs": "gcsfs", "azure": "adlfs"}
+# Schemes that name something other than storage (a Ray or dashboard --address), or local files.
+NOT_STORAGE = {"file", "http", "https", "ray", "ray+http", "ws", "wss", "grpc"}
 _FILESYSTEMS: dict[str, object] = {}
 _CHECKED: set[str] = set()
 os.register_at_fork(after_in_child=_FILESYSTEMS.clear)  # a forked child must not reuse the IO loop
 
 
 def is_url(p) -> bool:
-    """Whether `p` names an object-store location (file:// URLs are local paths)."""
+    """Whether `p` names an object-store location (file:// URLs are local paths; http:// and
+    ray:// are cluster addresses, never storage)."""
     if isinstance(p, Path):
         return False
     m = _URL.match(str(p))
-    return bool(m) and m.group(1).lower() != "file"
+    return bool(m) and m.group(1).lower() not in NOT_STORAGE
 
 
 def as_path(p) -> "Path | RemotePath":
@@ -245,15 +248,16 @@ def upload(staged: Path, final: RemotePath, keep: str | None = None) -> bool:
     """Commit a fully written local file or directory to `final` on object storage, where
     there is no rename. A directory's files go first and its top-level *.json last: the
     marker a reader checks (align.json, index.json, manifest.json, a unit's zarr.json) is
-    there only once everything it describes is. Whatever was at `final` (an uncommitted
-    leftover, or what --force replaces) is removed first. `keep`: see files.commit."""
+    there only once everything it describes is. Whatever was under `final` (an uncommitted
+    leftover, or what --force replaces) is removed first. A file is one PUT, which replaces
+    the old object atomically. `keep`: see files.commit."""
     fs = final.fs
-    if keep and fs.exists(f"{final.key}/{keep}"):
-        return False
-    rmtree(final)
     if not staged.is_dir():
         fs.put_file(str(staged), final.key)
         return True
+    if keep and fs.exists(f"{final.key}/{keep}"):
+        return False
+    rmtree(final)
     files = sorted(p for p in staged.rglob("*") if p.is_file())
     last = [p for p in files if p.parent == staged and p.suffix == ".json"]
     for batch in ([p for p in files if p not in last], last):

@@ -36,6 +36,8 @@ def files(root: Path) -> dict[str, bytes]:
 def test_local_paths_stay_pathlib_and_urls_get_the_same_api(bucket):
     assert fs.as_path("runs/x") == Path("runs/x") and type(fs.as_path("/tmp/x")) is type(Path("/tmp/x"))
     assert fs.as_path("file:///tmp/x") == Path("/tmp/x") and not fs.is_url(Path("s3:/x"))
+    assert fs.urls_in(["http://head:8265", "ray://head:10001", 3, f"{bucket}/a,runs/b,gs://g/c"]) == \
+        [f"{bucket}/a", "gs://g/c"]  # cluster addresses are not storage
     p = fs.as_path(f"{bucket}/a/b.json")
     assert (p.name, p.suffix, p.stem, str(p.parent)) == ("b.json", ".json", "b", f"{bucket}/a")
     assert not p.exists() and list(p.parent.iterdir()) == []
