@@ -148,4 +148,8 @@ def _run_on_ray(queue, worker_cls, args, workers, address, resources, attempts, 
             else:
                 done(item, result)
             idle.append(actor)
-        ray.get([a.flush.remote() for a in actors])
+        try:
+            ray.get([a.flush.remote() for a in actors])
+        except RayActorError as err:  # its last items may be reported done but not committed
+            raise WorkerLost(f"a Ray worker died before its last items were committed ({str(err).splitlines()[0][:200]});"
+                             f" every item committed so far is kept, run the same command again to resume") from err
