@@ -151,5 +151,6 @@ def _run_on_ray(queue, worker_cls, args, workers, address, resources, attempts, 
         try:
             ray.get([a.flush.remote() for a in actors])
         except RayActorError as err:  # its last items may be reported done but not committed
-            raise WorkerLost(f"a Ray worker died before its last items were committed ({str(err).splitlines()[0][:200]});"
-                             f" every item committed so far is kept, run the same command again to resume") from err
+            first = str(err).splitlines()[0][:200]
+            raise WorkerLost(f"a Ray worker died before its last items were committed ({first}); every item "
+                             f"committed so far is kept, run the same command again to resume") from err

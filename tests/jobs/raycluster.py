@@ -162,9 +162,9 @@ main()
 
 
 class RayNode:
-    """A second node of `head`'s cluster on this machine: its own ports and CPUs, and a
-    custom resource of its own (a name without "_": the dashboard camel-cases keys), with the head's environment (auth token, marker, extra env),
-    so head.stop() also finds whatever of it is left."""
+    """A second node of `head`'s cluster on this machine: its own ports and CPUs, a custom
+    resource of its own (a name without "_": the dashboard camel-cases keys), and the head's
+    environment (auth token, marker, extra env), so head.stop() also finds what is left of it."""
 
     PORTS = ("--node-manager-port", "--object-manager-port", "--metrics-export-port",
              "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port")
@@ -188,13 +188,15 @@ class RayNode:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"ray start (node) exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+                raise RuntimeError(f"ray start (node) exited with {self.proc.returncode}:\n"
+                                   f"{self.log.read_text()[-3000:]}")
             mine = [n for n in self.head.nodes() if all(n["resources"].get(k) == v for k, v in self.resources.items())
                     and self.resources]
             if mine:
                 return mine[0]
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the second Ray node did not join in {timeout:.0f} s:\n{self.log.read_text()[-3000:]}")
+                raise RuntimeError(f"the second Ray node did not join in {timeout:.0f} s:\n"
+                                   f"{self.log.read_text()[-3000:]}")
             time.sleep(0.5)
 
     def stop(self) -> None:

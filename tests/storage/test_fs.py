@@ -85,7 +85,8 @@ def test_store_on_s3_has_the_bytes_of_a_local_store_and_ignores_uncommitted_unit
     rows = [k for k in want if k.startswith("manifest/")]
     assert all(got[k] == want[k] for k in want if k not in rows)  # rows differ only in time and worker
     store = storage.open_store(remote, expect={"model": "tiny-llama"})
-    np.testing.assert_array_equal(store.array(1, "resid").compute(), storage.open_store(local).array(1, "resid").compute())
+    np.testing.assert_array_equal(store.array(1, "resid").compute(),
+                                  storage.open_store(local).array(1, "resid").compute())
     n_units = len(store.units)
 
     # A unit uploaded without its manifest row (a worker killed between the two): readers
