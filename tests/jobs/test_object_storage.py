@@ -5,7 +5,8 @@
 In order, sharing one cluster and one bucket: extraction with an actor on each node, a
 worker killed mid-run and the stage re-run, bit-identical to a clean local run; verify and
 dask reads from S3; head training submitted to the cluster as a job, reading and writing
-S3; resource requests no node can hold refused; and no credential in any file written.
+S3; a LoRA trained, bridged and validated with everything on S3, ending in a report there;
+resource requests no node can hold refused; and no credential in any file written.
 """
 from __future__ import annotations
 
@@ -32,9 +33,9 @@ from tests.jobs.test_submit import assert_same_heads, assert_same_store
 
 pytestmark = pytest.mark.timeout(600)
 ROOT = Path(__file__).resolve().parents[2]
-SETTINGS = ["--max-tokens", "600", "--max-chars", "160", "--unit-tokens", "48", "--sites", "resid,attn_in",
+SETTINGS = ["--max-tokens", "600", "--max-chars", "160", "--unit-tokens", "48", "--sites", "resid,attn_in,q_proj.out",
             "--dtype", "float32", "--quiet"]
-HEADS = ["--sites", "attn_in", "--kinds", "ridge", "--quiet"]
+HEADS = ["--sites", "attn_in,q_proj.out", "--kinds", "mlp,ridge", "--hidden", "16", "--epochs", "1", "--quiet"]
 OUTPUTS: list[str] = []  # everything the commands printed, scanned for credentials at the end
 
 
@@ -201,6 +202,23 @@ def test_train_heads_submitted_to_the_cluster_reads_and_writes_s3(cluster, where
     OUTPUTS.append(err)
     assert "s3://no-such-bucket-cast/heads: bucket 'no-such-bucket-cast' does not exist" in err
     assert verify(f"{run}/src.zarr").ok and fs.as_path(f"{run}/heads/index.json").exists()
+
+
+def test_a_lora_bridged_and_validated_on_s3_ends_in_a_report_there(where, capsys):
+    run = where["run"]
+    assert main(["lora", "train", "--model", "tiny-llama", "--task", "add2", "--targets", "q_proj", "--steps", "3",
+                 "--out", f"{run}/lora-add2", "--quiet"]) == 0
+    assert main(["validate", "--adapter", f"{run}/lora-add2", "--heads", f"{run}/heads", "--out", f"{run}/report",
+                 "--limit", "4", "--n-boot", "50", "--quiet"]) == 0
+    OUTPUTS.extend(capsys.readouterr())
+    report = fs.as_path(f"{run}/report")
+    names = {p.name for p in report.iterdir()}
+    assert {"report.json", "report.md", "report.png", "predictions", "bridged-mlp", "bridged-ridge",
+            "retrained-target-lora", "weightspace-lora"} <= names
+    assert "target + CAST (mlp)" in (report / "report.md").read_text()
+    from pipeline.assemble.transfer import load_bridged
+
+    assert load_bridged(f"{run}/report/bridged-mlp").info.name == "tiny-gemma3"  # loads from the bucket
 
 
 def test_a_worker_larger_than_every_node_is_refused_naming_the_flag(cluster, where, s3):
