@@ -111,17 +111,23 @@ def test_extract_on_both_nodes_killed_and_rerun_equals_a_clean_local_run(cluster
     reader.start()
     workers = {}
     rows = fs.as_path(f"{where['run']}/src.zarr/manifest")
-    deadline = time.monotonic() + 240
-    while proc.poll() is None and time.monotonic() < deadline:
-        workers = {m.group(1): (m.group(2), int(m.group(3))) for line in list(lines)
-                   if (m := re.search(r"\[cast\] worker (\d) on node (\w+) \(127\.0\.0\.1\) pid (\d+)", line))}
-        if len(workers) == 2 and any(rows.glob("u*.parquet")):
-            break
-        time.sleep(0.1)
-    assert proc.poll() is None, f"the extraction ended before a worker could be killed:\n{''.join(lines)}"
-    committed_before = len(list(rows.glob("u*.parquet")))
-    os.kill(workers["1"][1], signal.SIGKILL)  # a worker process dies mid-run (a node lost, a spot reclaim)
-    proc.wait(timeout=120)
+    try:
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline:
+            workers = {m.group(1): (m.group(2), int(m.group(3))) for line in list(lines)
+                       if (m := re.search(r"\[cast\] worker (\d) on node (\w+) \(127\.0\.0\.1\) pid (\d+)", line))}
+            if len(workers) == 2 and any(rows.glob("u*.parquet")):
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None and len(workers) == 2, \
+            f"the extraction ended, or never had two workers, before one could be killed:\n{''.join(lines)}"
+        committed_before = len(list(rows.glob("u*.parquet")))
+        os.kill(workers["1"][1], signal.SIGKILL)  # a worker process dies mid-run (a node lost, a spot reclaim)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:  # the test failed with the driver still running: stop it
+            proc.kill()
+            proc.wait(timeout=30)
     reader.join(timeout=30)  # the reader thread alone reads stderr, to its end
     out, err = proc.stdout.read(), "".join(lines)
     OUTPUTS.extend([out, err])
