@@ -7,6 +7,7 @@ from pathlib import Path
 
 from heads.modules import ProjectionHead
 from storage.artifacts import HEADS_KIND, is_kind
+from storage.fs import as_path, check_location, writing
 from storage.layout import StoreError
 
 INDEX = "index.json"
@@ -44,9 +45,10 @@ class HeadSet:
 
 
 def load_heads(path: str | Path) -> HeadSet:
-    path = Path(path)
+    path = as_path(path)
     f = path / INDEX
     if not f.exists():
+        check_location(path)
         raise StoreError(f"{path} is not a head set (no {INDEX}); make one with `cast train-heads`")
     index = json.loads(f.read_text())
     if not is_kind(index, HEADS_KIND):
@@ -93,13 +95,15 @@ def plot_r2(index: dict, png: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    with writing(png) as where:  # png may be on object storage: matplotlib writes locally
+        fig.savefig(where, dpi=110)
     plt.close(fig)
 
 
 def write_summary(index: dict, out: Path) -> str:
     """summary.md (the table) and r2_by_layer.png beside the head set; returns the table."""
     table = format_table(index)
-    Path(out, "summary.md").write_text("Held-out R² (training seconds) per head\n\n```\n" + table + "\n```\n")
-    plot_r2(index, Path(out) / "r2_by_layer.png")
+    out = as_path(out)
+    (out / "summary.md").write_text("Held-out R² (training seconds) per head\n\n```\n" + table + "\n```\n")
+    plot_r2(index, out / "r2_by_layer.png")
     return table

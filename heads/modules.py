@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from storage.files import atomic_path, atomic_write_text
+from storage.fs import RemotePath, as_path
 
 KINDS = ("mlp", "ridge")
 
@@ -40,9 +41,9 @@ class HeadConfig:
 
 
 def artifact_paths(path: str | Path) -> tuple[Path, Path]:
-    """<name>.safetensors and <name>.json. Names carry a kind suffix ('x.mlp', 'x.ridge'),
-    so the extension is appended, never substituted."""
-    return Path(f"{path}.safetensors"), Path(f"{path}.json")
+    """<name>.safetensors and <name>.json (local or object storage). Names carry a kind
+    suffix ('x.mlp', 'x.ridge'), so the extension is appended, never substituted."""
+    return as_path(f"{path}.safetensors"), as_path(f"{path}.json")
 
 
 class ProjectionHead(nn.Module):
@@ -92,5 +93,11 @@ class ProjectionHead(nn.Module):
         weights, meta_file = artifact_paths(path)
         meta = json.loads(meta_file.read_text())
         head = cls(HeadConfig(**meta["config"]))
-        head.load_state_dict(load_file(str(weights), device=str(device)))
+        if isinstance(weights, RemotePath):  # a head is small: read it whole, no local copy
+            from safetensors.torch import load
+
+            state = {k: v.to(device) for k, v in load(weights.read_bytes()).items()}
+        else:
+            state = load_file(str(weights), device=str(device))
+        head.load_state_dict(state)
         return head.eval()

@@ -8,7 +8,6 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import storage
 from heads.headset import INDEX
@@ -17,6 +16,7 @@ from heads.train import HeadSpec, fit_head
 from runtime.work import run_items
 from storage.artifacts import HEADS_KIND, IDENTITY_FIELDS, load_alignment, load_layermap, store_identity
 from storage.files import atomic_write_text, sha256_bytes
+from storage.fs import as_path
 
 
 @dataclass
@@ -32,7 +32,8 @@ class TrainHeadsConfig:
     layermap: str
     """Layer map from `cast layermap`: which source layer bridges to each target layer."""
     out: str
-    """Head-set directory; re-running skips heads whose inputs and config are unchanged."""
+    """Head-set directory or object-store URL; re-running skips heads whose inputs and
+    config are unchanged."""
     sites: str = "attn_in"
     """Comma-separated sites to bridge: the adapted modules' inputs (encode) and outputs (decode)."""
     kinds: str = "mlp,ridge"
@@ -66,7 +67,10 @@ class TrainHeadsConfig:
     seed: int = 0
     """Seed for the split, sampling and initialisation."""
     workers: int = 2
-    """Concurrent head tasks on Ray (1 CPU each); 0 trains in this process."""
+    """Concurrent head tasks on Ray (--cpus-per-head CPUs each); 0 trains in this process."""
+    cpus_per_head: int = 1
+    """CPUs each head task reserves on Ray and trains with (torch threads); at most what
+    one node has."""
     address: str | None = None
     """Ray cluster address; default starts a local Ray on 127.0.0.1."""
     max_retries: int = 2
@@ -81,6 +85,8 @@ class TrainHeadsConfig:
             raise ValueError(f"--directions: unknown {bad}; use encoder,decoder")
         if not 0 < self.holdout < 1:
             raise ValueError(f"--holdout must be in (0, 1), got {self.holdout}")
+        if self.cpus_per_head < 1:
+            raise ValueError(f"--cpus-per-head must be at least 1, got {self.cpus_per_head}")
 
 
 OPTION_KEYS = ("hidden", "epochs", "patience", "batch_size", "lr", "weight_decay", "cosine_weight",
@@ -127,7 +133,7 @@ def train_and_save(spec: HeadSpec, paths: dict, opts: dict, digest: str, out: st
 
     torch.set_num_threads(opts.get("threads", 1))
     head, metrics = fit_head(spec, paths, {k: v for k, v in opts.items() if k != "threads"})
-    target = Path(out) / spec.name
+    target = as_path(out) / spec.name
     target.parent.mkdir(parents=True, exist_ok=True)
     head.save(target, {"spec": asdict(spec), "hash": digest, "metrics": metrics})
     return {"name": spec.name, "spec": asdict(spec), "hash": digest, "metrics": metrics}
@@ -148,7 +154,7 @@ class HeadTrainer:
         pass  # every head is saved before run() returns
 
 
-def _done(out: Path, spec: HeadSpec, digest: str) -> dict | None:
+def _done(out, spec: HeadSpec, digest: str) -> dict | None:
     weights, meta_file = artifact_paths(out / spec.name)
     if meta_file.exists() and weights.exists():
         meta = json.loads(meta_file.read_text())
@@ -161,7 +167,7 @@ def run_train_heads(cfg: TrainHeadsConfig, progress: bool = True) -> dict:
     import torch
     from tqdm import tqdm
 
-    out = Path(cfg.out)
+    out = as_path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     specs, inputs = plan_heads(cfg)
     opts = {k: getattr(cfg, k) for k in OPTION_KEYS}
@@ -183,11 +189,12 @@ def run_train_heads(cfg: TrainHeadsConfig, progress: bool = True) -> dict:
         results[item[0].name] = res
         bar.update(1)
 
-    # One CPU per Ray worker (heads are many and small); in-process, torch's own threads.
-    threads = torch.get_num_threads() if cfg.workers == 0 else 1
+    # --cpus-per-head CPUs per Ray worker (heads are many and small: 1 by default);
+    # in-process, torch's own threads.
+    threads = torch.get_num_threads() if cfg.workers == 0 else cfg.cpus_per_head
     run_items(todo, HeadTrainer, (paths, {**run_opts, "threads": threads}, cfg.out), workers=cfg.workers,
-              address=cfg.address, cpus_per_worker=1, retries=cfg.max_retries,
-              label=lambda item: f"head {item[0].name}", on_result=finished)
+              address=cfg.address, cpus_per_worker=cfg.cpus_per_head, retries=cfg.max_retries,
+              label=lambda item: f"head {item[0].name}", on_result=finished, flags=("--cpus-per-head", ""))
     bar.close()
     index = {"kind": HEADS_KIND, "version": 1, "inputs": inputs, "options": opts,
              "paths": paths, "layermap_path": cfg.layermap,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from jobs.args import Command, to_dataclass
 
@@ -16,10 +15,11 @@ def cmd_train_heads(ns) -> int:
     and r2_by_layer.png."""
     from heads.headset import write_summary
     from heads.run import TrainHeadsConfig, run_train_heads
+    from storage.fs import as_path
 
     cfg = to_dataclass(TrainHeadsConfig, ns)
     index = run_train_heads(cfg, progress=not ns.quiet)
-    out = Path(cfg.out)
+    out = as_path(cfg.out)
     print(write_summary(index, out))
     print(json.dumps({"heads": len(index["heads"]), "out": str(out), "plot": str(out / "r2_by_layer.png"),
                       "skipped": sum(1 for h in index["heads"] if h.get("skipped"))}))

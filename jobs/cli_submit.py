@@ -13,7 +13,8 @@ the exit status is the job's: 0 SUCCEEDED, 1 FAILED (its error is repeated at th
 3 STOPPED, 2 for a problem before submission, 130 when you stop following (the job goes on).
 
 The stage's flags come after `--` and are checked here before submitting. Paths in them
-are read on the cluster: use a shared filesystem. Inside the job the stage joins the
+are read on the cluster: use a shared filesystem, or object-store URLs (s3://bucket/...)
+whose credentials the cluster's nodes have. Inside the job the stage joins the
 cluster (its Ray actors/tasks are scheduled there) instead of starting a local Ray.
 
 Example:

@@ -56,18 +56,27 @@ def build_parser(commands: dict[str, Command] = STAGES) -> argparse.ArgumentPars
 
 def run_command(argv: list[str] | None = None, commands: dict[str, Command] = STAGES) -> int:
     """Parse and run one command. A bad input the user can fix (corpus, model, store, site,
-    flag value) is one line on stderr and exit status 2, not a traceback."""
+    flag value) is one line on stderr and exit status 2, not a traceback. Object-store URLs
+    among the flags are checked first (backend installed, bucket there), so such a mistake
+    ends the command before it reads or writes anything."""
     from pipeline.cache.corpus import CorpusError
     from pipeline.cache.hooks import SiteError
     from pipeline.cache.models import ModelError
+    from runtime.work import WorkerLost
+    from storage.fs import check_location, urls_in
     from storage.layout import StoreError
 
     args = build_parser(commands).parse_args(argv)
     try:
+        for url in urls_in(vars(args).values()):
+            check_location(url)
         return args.func(args)
     except (CorpusError, ModelError, StoreError, SiteError, ValueError) as e:
         print(f"cast {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except WorkerLost as e:
+        print(f"cast {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"cast {args.command}: interrupted; committed units are kept, re-run to resume", file=sys.stderr)
         return 130

@@ -6,8 +6,9 @@ streams the job's logs to stdout and returns the job's outcome as an exit status
 
 The job's python must import this project: either the cluster's image/environment has it
 installed (infra/Dockerfile), or `--working-dir .` uploads the checkout and the job runs
-from it. Paths in the stage flags are read on the cluster: use shared-filesystem paths
-(or absolute paths on a one-machine cluster).
+from it. Paths in the stage flags are read on the cluster: use shared-filesystem paths,
+object-store URLs (s3://bucket/prefix, credentials on the nodes), or absolute paths on a
+one-machine cluster.
 """
 from __future__ import annotations
 

@@ -13,7 +13,6 @@ import json
 import sys
 import time
 from dataclasses import MISSING, dataclass, field, fields
-from pathlib import Path
 
 from heads.headset import write_summary
 from heads.run import TrainHeadsConfig, run_train_heads
@@ -26,6 +25,7 @@ from pipeline.cache.models import DEFAULT_SOURCE, DEFAULT_TARGET
 from pipeline.lora.adapters import parse_targets
 from pipeline.lora.train import LoraTrainConfig, train_lora
 from storage.check import verify
+from storage.fs import as_path
 
 
 def sets(*targets: tuple[type, str], default=MISSING):
@@ -42,7 +42,8 @@ class RunConfig:
     """The whole pipeline; defaults are the embedded real pair, corpus and tasks."""
 
     out: str = "runs/default"
-    """Run directory: every stage's output goes under it; re-running resumes."""
+    """Run directory or object-store URL (s3://bucket/runs/x): every stage's output goes
+    under it; re-running resumes."""
     source: str = DEFAULT_SOURCE
     """Source model (the LoRA's base)."""
     target: str = DEFAULT_TARGET
@@ -64,6 +65,9 @@ class RunConfig:
     workers: int = sets((ExtractConfig, "workers"))
     """Ray extraction actors per model (0: in-process); head training uses 2 tasks."""
     address: str | None = sets((ExtractConfig, "address"), (TrainHeadsConfig, "address"))
+    cpus_per_worker: int = sets((ExtractConfig, "cpus_per_worker"))
+    gpus_per_worker: float = sets((ExtractConfig, "gpus_per_worker"))
+    cpus_per_head: int = sets((TrainHeadsConfig, "cpus_per_head"))
 
     def stage(self, cls: type, **given):
         """The `cls` config of this run: the flags above that set its fields, then `given`."""
@@ -78,7 +82,7 @@ def _stage(name: str):
 
 
 def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict:
-    out = Path(cfg.out)
+    out = as_path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
     targets = parse_targets(cfg.targets)

@@ -28,6 +28,15 @@ class Hosted:
         torch.set_num_threads(threads)
         self.worker = worker_cls(*args)
 
+    def where(self) -> str:
+        """Node id, address and pid of this actor, for the log."""
+        import os
+
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return f"node {ctx.get_node_id()} ({ray.util.get_node_ip_address()}) pid {os.getpid()}"
+
     def run(self, item):
         return self.worker.run(item)
 
@@ -41,9 +50,20 @@ class Hosted:
 
 def remote_workers(ray, worker_cls: type, args: tuple, n: int, cpus_per_worker: int,
                    gpus_per_worker: float = 0.0) -> list:
-    """n Ray actors, each hosting one worker_cls(*args)."""
-    actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(Hosted)
+    """n Ray actors, each hosting one worker_cls(*args), spread over the nodes that fit
+    them (each reads and writes its own units: spreading spreads the I/O and memory too)."""
+    actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, scheduling_strategy="SPREAD")(Hosted)
     return [actor.remote(cpus_per_worker, worker_cls, args) for _ in range(n)]
+
+
+def _announce(ray, actors: list, first: int = 0) -> None:
+    """Say where each actor runs (waits until each is up: its model is loaded)."""
+    for i, where in enumerate(ray.get([a.where.remote() for a in actors]), start=first):
+        print(f"[cast] worker {i} on {where}", file=sys.stderr, flush=True)
+
+
+class WorkerLost(RuntimeError):
+    """A Ray worker died (its process killed, its node gone) and no retry was left."""
 
 
 class _Attempts:
@@ -52,10 +72,13 @@ class _Attempts:
     def __init__(self, retries: int, label: Callable):
         self.retries, self.label, self.counts = retries, label, {}
 
-    def failed(self, item, err: BaseException) -> None:
+    def failed(self, item, err: BaseException, lost: bool = False) -> None:
         name = self.label(item)
         n = self.counts[name] = self.counts.get(name, 0) + 1
         if n > self.retries:
+            if lost:  # not the item's fault: say what happened and how to go on, not a traceback
+                raise WorkerLost(f"{name}: its Ray worker died ({str(err).splitlines()[0][:200]}); every item "
+                                 f"committed so far is kept, run the same command again to resume") from err
             if self.retries == 0:
                 raise err  # nothing was retried: the caller sees the error itself
             raise RuntimeError(f"{name} failed {n} times; last error: {err}") from err
@@ -64,12 +87,14 @@ class _Attempts:
 
 def run_items(items: Iterable, worker_cls: type, args: tuple = (), *, workers: int, address: str | None = None,
               cpus_per_worker: int | None = None, gpus_per_worker: float = 0.0, retries: int = 0,
-              label: Callable = str, on_result: Callable | None = None) -> None:
+              label: Callable = str, on_result: Callable | None = None,
+              flags: tuple[str, str] = ("--cpus-per-worker", "--gpus-per-worker")) -> None:
     """Run every item through worker_cls(*args).run, here (workers=0) or on Ray actors.
 
     cpus_per_worker: CPUs each actor reserves (and torch threads it uses); default an
-    equal share of the cluster's CPUs. on_result(item, result) is called here, in the
-    order items finish.
+    equal share of the cluster's CPUs, at most one node's. A worker larger than every node
+    is refused, naming `flags` (the stage's resource flags). on_result(item, result) is
+    called here, in the order items finish.
     """
     queue = list(items)
     if not queue:
@@ -89,17 +114,21 @@ def run_items(items: Iterable, worker_cls: type, args: tuple = (), *, workers: i
             done(item, result)
         worker.flush()
         return
-    _run_on_ray(queue, worker_cls, args, workers, address, cpus_per_worker, gpus_per_worker, attempts, done)
+    _run_on_ray(queue, worker_cls, args, workers, address, (cpus_per_worker, gpus_per_worker, flags), attempts, done)
 
 
-def _run_on_ray(queue, worker_cls, args, workers, address, cpus_per_worker, gpus_per_worker, attempts, done):
-    from runtime.cluster import ray_session
+def _run_on_ray(queue, worker_cls, args, workers, address, resources, attempts, done):
+    from runtime.cluster import check_fits, node_resources, ray_session, worker_cpus
 
+    cpus_per_worker, gpus_per_worker, flags = resources
     with ray_session(address) as ray:
         from ray.exceptions import RayActorError
 
-        cpus = cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
+        nodes = node_resources(ray)
+        cpus = cpus_per_worker or worker_cpus(nodes, workers, gpus_per_worker)
+        check_fits(nodes, cpus, gpus_per_worker, flags)
         actors = remote_workers(ray, worker_cls, args, min(workers, len(queue)), cpus, gpus_per_worker)
+        _announce(ray, actors)
         idle, pending = list(actors), {}
         while queue or pending:
             while queue and idle:
@@ -110,12 +139,18 @@ def _run_on_ray(queue, worker_cls, args, workers, address, cpus_per_worker, gpus
             try:
                 result = ray.get(ready[0])
             except Exception as err:  # noqa: BLE001 - task errors and dead workers alike
-                attempts.failed(item, err)
+                attempts.failed(item, err, lost=isinstance(err, RayActorError))
                 queue.append(item)
                 if isinstance(err, RayActorError):  # its process is gone: start another
                     fresh = remote_workers(ray, worker_cls, args, 1, cpus, gpus_per_worker)[0]
+                    _announce(ray, [fresh], first=actors.index(actor))
                     actors[actors.index(actor)] = actor = fresh
             else:
                 done(item, result)
             idle.append(actor)
-        ray.get([a.flush.remote() for a in actors])
+        try:
+            ray.get([a.flush.remote() for a in actors])
+        except RayActorError as err:  # its last items may be reported done but not committed
+            first = str(err).splitlines()[0][:200]
+            raise WorkerLost(f"a Ray worker died before its last items were committed ({first}); every item "
+                             f"committed so far is kept, run the same command again to resume") from err

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage.fs import arrow_source, as_path, check_location
 from storage.layout import StoreError
 from storage.reader import ActivationStore
 
@@ -123,12 +124,15 @@ class Alignment:
 
     def iter_batches(self, batch_rows: int = 262_144):
         """Pairs as dicts of int64 arrays (PAIRS_SCHEMA's columns), in order."""
-        for rb in pq.ParquetFile(self.path / PAIRS_FILE).iter_batches(batch_size=batch_rows):
+        where, filesystem = arrow_source(self.path / PAIRS_FILE)
+        for rb in pq.ParquetFile(where, filesystem=filesystem).iter_batches(batch_size=batch_rows):
             yield {name: rb.column(name).to_numpy() for name in PAIRS_SCHEMA.names}
 
     def pairs(self) -> dict[str, np.ndarray]:
         """All pairs at once (16 bytes per pair per column): fine for small corpora."""
-        return {k: v.to_numpy() for k, v in zip(PAIRS_SCHEMA.names, pq.read_table(self.path / PAIRS_FILE).columns)}
+        where, filesystem = arrow_source(self.path / PAIRS_FILE)
+        table = pq.read_table(where, filesystem=filesystem)
+        return {k: v.to_numpy() for k, v in zip(PAIRS_SCHEMA.names, table.columns)}
 
     def sample(self, n: int, seed: int = 0, min_position: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Up to n pairs drawn without replacement (seeded) among those whose tokens both
@@ -160,9 +164,10 @@ class Alignment:
 
 def load_alignment(path: str | Path) -> Alignment:
     """Open an alignment directory written by `cast align`."""
-    path = Path(path)
+    path = as_path(path)
     f = path / ALIGN_JSON
     if not f.exists() or not (path / PAIRS_FILE).exists():
+        check_location(path)
         raise StoreError(f"{path} is not an alignment (needs {ALIGN_JSON} and {PAIRS_FILE}); "
                          f"make one with `cast align SRC_STORE TGT_STORE --out {path}`")
     meta = json.loads(f.read_text())
@@ -207,9 +212,10 @@ class LayerMap:
 
 def load_layermap(path: str | Path) -> LayerMap:
     """Open a layermap directory (or its layermap.json) written by `cast layermap`."""
-    path = Path(path)
+    path = as_path(path)
     f = path if path.suffix == ".json" else path / LAYERMAP_JSON
     if not f.exists():
+        check_location(path)
         raise StoreError(f"{f} not found; make it with `cast layermap SRC TGT --align ALIGN --out {path}`")
     meta = json.loads(f.read_text())
     if not is_kind(meta, LAYERMAP_KIND):

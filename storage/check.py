@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from storage.fs import disk_usage, zarr_store
 from storage.layout import TOKEN_FIELDS, UNITS, act_path, decode, unit_name
 from storage.reader import ActivationStore, open_store
 from storage.writer import array_hash, read_manifest
@@ -60,7 +61,7 @@ def _verify_unit(store: ActivationStore, row: dict, problems: list[str]) -> None
         problems.append(f"unit {unit}: manifest row exists but {where} is missing")
         return
     try:
-        group = zarr.open_group(str(where), mode="r")
+        group = zarr.open_group(zarr_store(where), mode="r", zarr_format=3)
     except Exception as e:  # noqa: BLE001 - reported, not raised: verify lists all damage
         problems.append(f"unit {unit}: cannot open {where}: {e}")
         return
@@ -89,10 +90,6 @@ def _verify_unit(store: ActivationStore, row: dict, problems: list[str]) -> None
             problems.append(f"unit {unit}: {name} does not match its recorded sha256")
 
 
-def disk_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
 def summary(path: str | Path, sample_tokens: int = 4096) -> dict:
     """Models, corpus, sites, tokens, bytes, and per-(layer, site) norms and spread.
     Norms are measured on the first `sample_tokens` tokens; mean/std use all tokens."""
@@ -110,7 +107,7 @@ def summary(path: str | Path, sample_tokens: int = 4096) -> dict:
         "units": f"{len(rows)}/{len(meta['plan'])}",
         "tokens": store.n_tokens,
         "segments": len({s for r in rows for s in range(r["first_segment"], r["last_segment"] + 1)}),
-        "bytes_on_disk": disk_bytes(store.path),
+        "bytes_on_disk": disk_usage(store.path),
         "bytes_raw": raw,
         "extract_tokens_per_s": (store.n_tokens / sum(r["seconds"] for r in rows)) if rows else 0.0,
         "per_layer": [],

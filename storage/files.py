@@ -5,7 +5,9 @@ a head, a head index, a LoRA adapter, a bridged artifact, a converted checkpoint
 normalised corpus) is first written under a temporary name beside its final path and
 then renamed onto it. A rename within one directory is atomic, so a reader sees the old
 artifact or the new one, never half of one, and a run killed mid-write leaves only a
-`.tmp-*` entry that the next run ignores or removes. See docs/design.md#commit-protocol.
+`.tmp-*` entry that the next run ignores or removes. On object storage, where there is no
+rename, the artifact is staged on local disk and uploaded with its marker object last
+(storage.fs.upload). See docs/design.md#commit-protocol.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
+
+from storage import fs
 
 TMP_PREFIX = ".tmp-"
 
@@ -60,7 +64,12 @@ def commit(staged: str | Path, final: str | Path, keep: str | None = None) -> bo
 def atomic_path(final: str | Path, keep: str | None = None):
     """Yield a temporary path beside `final`; create a file or a directory there.
     On normal exit it is committed onto `final` (see `commit`); on an exception it is
-    removed and `final` is left as it was."""
+    removed and `final` is left as it was. `final` may be an object-store URL: the path
+    yielded is then a local one, uploaded onto `final` on exit (storage.fs.upload)."""
+    if fs.is_url(final):
+        with fs.staged(fs.as_path(final), keep) as tmp:
+            yield tmp
+        return
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(final)

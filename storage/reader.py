@@ -4,6 +4,9 @@
     x = store.array(12, "resid")          # dask (tokens, 576) float32, lazily decoded
     meta = store.tokens()                 # dict of dask (tokens,) int64 arrays
     mean, var = store.stats(12, "resid")  # from per-unit sums, no pass over the data
+
+A store may also be an object-store URL (`open_store("s3://bucket/runs/target.zarr")`,
+storage.fs): the dask arrays then read chunks through zarr's fsspec store.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import zarr
 from storage.layout import (
     FORMAT_VERSION, META_KEY, TOKEN_FIELDS, UNITS, StoreError, act_path, decode, stats_path, unit_name,
 )
+from storage.fs import RemotePath, as_path, check_location, zarr_store
 from storage.writer import read_manifest
 
 # What a caller may pin when opening a store, and where each lives in the metadata.
@@ -40,7 +44,7 @@ def _dig(meta: dict, keys: tuple[str, ...]):
 
 @dataclass
 class ActivationStore:
-    path: Path
+    path: Path | RemotePath
     meta: dict
 
     @cached_property
@@ -69,7 +73,7 @@ class ActivationStore:
         return list(self.meta["layers"])
 
     def _group(self, unit: int) -> zarr.Group:
-        return zarr.open_group(str(self.path / UNITS / unit_name(unit)), mode="r")
+        return zarr.open_group(zarr_store(self.path / UNITS / unit_name(unit)), mode="r", zarr_format=3)
 
     def _check(self, layer: int, site: str) -> None:
         if site not in self.meta["sites"]:
@@ -115,8 +119,9 @@ class ActivationStore:
 def open_store(path: str | Path, expect: dict | None = None) -> ActivationStore:
     """Open a store; `expect` pins model/tokenizer/corpus/dtype/sites/layers and any
     mismatch is a StoreError listing every differing field (never silent garbage)."""
-    path = Path(path)
+    path = as_path(path)
     if not (path / "zarr.json").exists():
+        check_location(path)  # a missing bucket says so rather than "not a store"
         raise StoreError(f"{path} is not an activation store (no zarr.json); create one with `cast extract`")
     root = json.loads((path / "zarr.json").read_text())
     meta = root.get("attributes", {}).get(META_KEY)

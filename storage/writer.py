@@ -1,14 +1,15 @@
 """Creating a store and committing whole units into it, atomically.
 
 Each unit is written by exactly one worker into a private temp directory, renamed into
-place, and only then recorded by a manifest row; no two workers ever touch one shard.
+place (uploaded, on object storage), and only then recorded by a manifest row; no two
+workers ever touch one shard. A store may live at a local path or an object-store URL
+(storage.fs); the bytes written are the same.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import shutil
 import socket
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from storage.files import TMP_PREFIX, atomic_path
+from storage.fs import arrow_source, as_path, rmtree
 from storage.layout import (
     MANIFEST, META_KEY, STORAGE_DTYPES, TOKEN_FIELDS, UNITS, StoreError, act_path, chunk_tokens,
     stats_path, unit_name,
@@ -40,28 +42,26 @@ MANIFEST_SCHEMA = pa.schema([
 
 def create_store(path: Path, meta: dict) -> None:
     """Create an empty store whose root attrs hold `meta`; refuses to touch anything else."""
-    path = Path(path)
+    path = as_path(path)
     if path.exists() and any(path.iterdir()):
         raise StoreError(f"{path} exists and is not empty; refusing to overwrite it")
-    root = zarr.open_group(str(path), mode="w", zarr_format=3, attributes={META_KEY: meta})
-    root.create_group(UNITS)
-    (path / MANIFEST).mkdir()
+    with atomic_path(path) as tmp:  # the root zarr.json lands last: a store is whole once it is there
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=3, attributes={META_KEY: meta})
+        root.create_group(UNITS)
+        (tmp / MANIFEST).mkdir()
 
 
 def clean_leftovers(path: Path, committed: set[int]) -> list[str]:
     """Remove temp dirs and unit dirs without a manifest row (a run died mid-commit)."""
     removed = []
-    units = Path(path) / UNITS
+    units = as_path(path) / UNITS
     for d in units.iterdir():
         if not d.is_dir():
             continue
-        if d.name.startswith(TMP_PREFIX):
-            shutil.rmtree(d, ignore_errors=True)
+        if d.name.startswith(TMP_PREFIX) or (d.name.startswith("u") and int(d.name[1:]) not in committed):
+            rmtree(d)
             removed.append(d.name)
-        elif d.name.startswith("u") and int(d.name[1:]) not in committed:
-            shutil.rmtree(d, ignore_errors=True)
-            removed.append(d.name)
-    for f in (Path(path) / MANIFEST).glob(f"{TMP_PREFIX}*"):
+    for f in (as_path(path) / MANIFEST).glob(f"{TMP_PREFIX}*"):
         f.unlink(missing_ok=True)
     return removed
 
@@ -86,7 +86,7 @@ def write_unit(
     stats: (layer, site) -> (2, dim) float64 [sum, sum of squares] over the unit's tokens,
     written as one (layers, 2, dim) array per site, layers ascending.
     """
-    path = Path(path)
+    path = as_path(path)
     name = unit_name(unit)
     n = len(tokens["token_id"])
     hashes, nbytes = {}, 0
@@ -133,9 +133,10 @@ def write_unit(
 def read_manifest(path: Path) -> list[dict]:
     """Committed units' rows, sorted by unit; a damaged row file is an error naming it."""
     rows = []
-    for f in sorted((Path(path) / MANIFEST).glob("u*.parquet")):
+    for f in sorted((as_path(path) / MANIFEST).glob("u*.parquet")):
         try:
-            rows.extend(pq.read_table(f).to_pylist())
+            where, filesystem = arrow_source(f)
+            rows.extend(pq.read_table(where, filesystem=filesystem).to_pylist())
         except Exception as e:  # noqa: BLE001 - re-raised with the file named
             raise StoreError(f"manifest row {f} is unreadable ({e}); delete it to redo that unit") from e
     return sorted(rows, key=lambda r: r["unit"])
@@ -143,5 +144,5 @@ def read_manifest(path: Path) -> list[dict]:
 
 def committed_units(path: Path) -> set[int]:
     """Units with both a manifest row and a unit directory."""
-    path = Path(path)
+    path = as_path(path)
     return {r["unit"] for r in read_manifest(path) if (path / UNITS / unit_name(r["unit"])).is_dir()}

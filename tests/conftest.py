@@ -36,6 +36,41 @@ def corpus_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 for the session (started on first use, stopped after),
+    with this process's environment pointing at it as any S3 client's would."""
+    from storage import fs
+    from tests.storage.s3server import MotoServer
+
+    server = MotoServer(tmp_path_factory.mktemp("moto"))
+    env = pytest.MonkeyPatch()
+    try:
+        for key, value in server.env.items():
+            env.setenv(key, value)
+        fs._FILESYSTEMS.clear()
+        fs._CHECKED.clear()
+        yield server
+    finally:
+        env.undo()
+        fs._FILESYSTEMS.clear()
+        fs._CHECKED.clear()
+        server.stop()
+
+
+@pytest.fixture
+def bucket(s3, request) -> str:
+    """A new empty bucket for one test: its s3:// URL."""
+    import re
+    import secrets
+
+    from storage.fs import filesystem
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + secrets.token_hex(3)
+    filesystem("s3").mkdir(name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """One local Ray for the session, bound to loopback; stages reuse it."""
     from runtime.cluster import start_local_ray

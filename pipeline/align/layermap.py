@@ -32,6 +32,7 @@ import storage
 from storage.artifacts import (HEATMAP_PNG, LAYERMAP_JSON, LAYERMAP_KIND, LAYERMAP_VERSION, check_same_text,
                                load_alignment, store_identity)
 from storage.files import atomic_write_text
+from storage.fs import as_path, writing
 from storage.layout import StoreError
 from storage.reader import ActivationStore
 
@@ -216,7 +217,8 @@ def heatmap(path: Path, cka: np.ndarray, src_layers, tgt_layers, chosen, rel, ti
     ax.legend(loc="upper left", fontsize=7)
     fig.colorbar(im, ax=ax, label="linear CKA")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with writing(path) as where:  # path may be on object storage: matplotlib writes locally
+        fig.savefig(where, dpi=120)
     plt.close(fig)
 
 
@@ -250,7 +252,7 @@ def run_layermap(cfg: LayermapConfig, progress: bool = False) -> dict:
 
     total = {"chosen": float(sum(cka[i, t] for t, i in enumerate(chosen))),
              "relative_depth": float(sum(cka[i, t] for t, i in enumerate(rel)))}
-    out = Path(cfg.out)
+    out = as_path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     sm, tm = src.meta["model"]["name"], tgt.meta["model"]["name"]
     heatmap(out / HEATMAP_PNG, cka, src.layers, tgt.layers, chosen, rel,

@@ -21,7 +21,6 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +30,7 @@ import storage
 from storage.artifacts import (ALIGN_JSON, ALIGN_KIND, ALIGN_VERSION, IDENTITY_FIELDS, PAIRS_FILE, PAIRS_SCHEMA,
                                check_same_text, store_identity)
 from storage.files import atomic_path
+from storage.fs import as_path
 from storage.layout import StoreError
 from storage.reader import ActivationStore
 
@@ -46,7 +46,7 @@ class AlignConfig:
     tgt_store: str
     """Target activation store, made by `cast extract` over the same corpus and --max-chars."""
     out: str
-    """Alignment directory to write (pairs.parquet + align.json)."""
+    """Alignment directory or object-store URL to write (pairs.parquet + align.json)."""
     force: bool = False
     """Replace an existing alignment at --out even if it was made from other stores."""
     row_group: int = 262_144
@@ -185,7 +185,7 @@ def run_align(cfg: AlignConfig) -> dict:
     t0 = time.perf_counter()
     src, tgt = storage.open_store(cfg.src_store), storage.open_store(cfg.tgt_store)
     check_same_text(src, tgt)
-    out = Path(cfg.out)
+    out = as_path(cfg.out)
     ident = {"source": store_identity(src), "target": store_identity(tgt)}
     if (out / ALIGN_JSON).exists() and not cfg.force:
         old = json.loads((out / ALIGN_JSON).read_text())

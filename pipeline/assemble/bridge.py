@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load, load_file
 from torch import nn
 
 from heads.modules import ProjectionHead
 from pipeline.cache.hooks import IN_SITE, find_linear, get_layer_list
+from storage.fs import RemotePath, as_path
 
 _KEY = re.compile(r"layers\.(\d+)\..*?([a-z_]+_proj)\.lora_([AB])\.weight$")
 
@@ -47,7 +48,7 @@ class LoraWeights:
 
 
 def read_lora(adapter_dir: str | Path) -> LoraWeights:
-    d = Path(adapter_dir)
+    d = as_path(adapter_dir)
     cfg_file, weights = d / "adapter_config.json", d / "adapter_model.safetensors"
     if not cfg_file.is_file() or not weights.is_file():
         raise BridgeError(f"--adapter {d}: expected a PEFT adapter directory with adapter_config.json "
@@ -62,7 +63,8 @@ def read_lora(adapter_dir: str | Path) -> LoraWeights:
     r = cfg["r"]
     scale = cfg["lora_alpha"] / (r ** 0.5 if cfg.get("use_rslora") else r)
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for key, value in load_file(str(weights)).items():
+    tensors = load(weights.read_bytes()) if isinstance(weights, RemotePath) else load_file(str(weights))
+    for key, value in tensors.items():
         m = _KEY.search(key)
         if not m:
             raise BridgeError(f"--adapter {d}: tensor {key!r} is not a per-layer q/k/v/o/gate/up/down "

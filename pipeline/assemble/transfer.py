@@ -8,7 +8,6 @@ they need + a manifest), and `load_bridged` to get the target model with it appl
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from pipeline.assemble.bridge import BridgeError, SiteBridge, assign_layers, att
 from pipeline.cache.hooks import IN_SITE, out_site
 from storage.artifacts import BRIDGED_KIND, is_kind
 from storage.files import atomic_path
+from storage.fs import as_path, check_location, copy_to_local, local_copy
 
 MANIFEST = "manifest.json"
 
@@ -89,7 +89,7 @@ def run_transfer(cfg: TransferConfig) -> dict:
     weights = [float(w) for w in cfg.weights.split(",")] if cfg.weights else [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise BridgeError(f"--weights has {len(weights)} values for {len(adapters)} adapters")
-    out = Path(cfg.out)
+    out = as_path(cfg.out)
     if out.exists() and any(out.iterdir()) and not cfg.force:
         raise BridgeError(f"--out {out} exists and is not empty; choose another path or pass --force")
     entries, names = [], set()
@@ -104,13 +104,13 @@ def run_transfer(cfg: TransferConfig) -> dict:
                          if h["spec"]["target_layer"] in assignment)
     with atomic_path(out) as staged:  # replaces a --force'd --out only once complete
         staged.mkdir()
-        for e in entries:
-            shutil.copytree(e["origin"], staged / e["dir"])
+        for e in entries:  # the adapters and heads may be local or on object storage
+            copy_to_local(e["origin"], staged / e["dir"])
         for name in sorted(names):
             for suffix in (".json", ".safetensors"):
                 dst = staged / "heads" / (name + suffix)
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(hs.path / (name + suffix), dst)
+                copy_to_local(hs.path / (name + suffix), dst)
         index = {**hs.index, "heads": [h for h in hs.index["heads"] if h["name"] in names]}
         (staged / "heads" / INDEX).write_text(json.dumps(index, indent=1))
         manifest = {"kind": BRIDGED_KIND, "version": 1, "source": hs.source, "target": hs.target,
@@ -121,8 +121,9 @@ def run_transfer(cfg: TransferConfig) -> dict:
 
 
 def read_manifest(path: str | Path) -> dict:
-    f = Path(path) / MANIFEST
+    f = as_path(path) / MANIFEST
     if not f.is_file():
+        check_location(path)
         raise BridgeError(f"{path} is not a bridged artifact (no {MANIFEST}); make one with `cast transfer`")
     manifest = json.loads(f.read_text())
     if not is_kind(manifest, BRIDGED_KIND):
@@ -157,7 +158,7 @@ def load_bridged(path: str | Path, device: str | None = None, model: str | None 
     `model` overrides where the target is loaded from (default: its registry name)."""
     from pipeline.cache.models import load_model
 
-    path = Path(path)
+    path = local_copy(path)  # a bridged artifact on object storage is read from a local copy
     manifest = read_manifest(path)
     lm = load_model(model or manifest["target"]["model"], device=device)
     if lm.info.weights_hash != manifest["target"]["weights_hash"]:

@@ -19,6 +19,7 @@ import numpy as np
 
 from heads.headset import load_heads
 from pipeline.assemble.bridge import BridgeError, read_lora
+from storage.fs import as_path, writing
 
 
 @dataclass
@@ -96,7 +97,7 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> dict:
     from pipeline.assemble.weightspace import weightspace_adapter
     from pipeline.assemble.export import ExportConfig, export_peft
 
-    out = Path(cfg.out)
+    out = as_path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = read_adapter_meta(cfg.adapter)
     if meta is None:
@@ -205,5 +206,6 @@ def plot_report(report: dict, png: Path) -> None:
     ax.set_ylim(0, 1)
     ax.set_title(f"{report['task']}: {report['source']} -> {report['target']}")
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    with writing(png) as where:  # png may be on object storage: matplotlib writes locally
+        fig.savefig(where, dpi=110)
     plt.close(fig)

@@ -22,6 +22,7 @@ import torch
 
 from pipeline.assemble.bridge import LoraWeights, assign_layers, read_lora
 from pipeline.cache.hooks import find_linear, get_layer_list
+from storage.fs import writing
 
 
 def project_update(d_ws: torch.Tensor, w_s: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
@@ -74,10 +75,10 @@ def set_lora(peft, updates: dict[tuple[int, str], tuple], zero_rest: bool = Fals
 
 
 def write_lora(target_model, updates: dict[tuple[int, str], tuple], modules: list[str], rank: int,
-               out: str | Path, bias: bool = False) -> None:
+               out: str | Path, bias: bool = False, extra: dict[str, str] | None = None) -> None:
     """Write a plain PEFT adapter for `target_model` holding `updates` (see set_lora) at
-    scale 1 (lora_alpha = r); every other layer's module gets a zero update. The model
-    is left as it was."""
+    scale 1 (lora_alpha = r); every other layer's module gets a zero update; `extra` maps
+    file names to text written beside it. The model is left as it was."""
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=modules, lora_dropout=0.0, bias="none",
@@ -89,7 +90,10 @@ def write_lora(target_model, updates: dict[tuple[int, str], tuple], modules: lis
         set_lora(peft, updates, zero_rest=True)
         with warnings.catch_warnings():  # peft takes a 1-D lora_B.bias for an unsaved ZeRO-3 shard; it is not
             warnings.filterwarnings("ignore", message=".*LoRA tensor\\(s\\) have invalid shape.*")
-            peft.save_pretrained(Path(out))
+            with writing(out) as where:  # PEFT writes local directories; out may be object storage
+                peft.save_pretrained(where)
+                for name, text in (extra or {}).items():
+                    (where / name).write_text(text)
     finally:
         peft.unload()
 
@@ -114,9 +118,7 @@ def weightspace_adapter(adapter: str | Path, source_model, target_model, mapping
                 w_s = find_linear(src_blocks[s], module).weight.detach()
                 total += project_update(lw.scale * b @ a, w_s, w_t)
             updates[(t, module)] = to_lora(total, rank)
-    out = Path(out)
-    write_lora(target_model, updates, lw.modules, rank, out)
     info = {"method": "svd-subspace projection (index-matched singular bases)", "origin": str(adapter),
             "rank": rank, "carry": carry, "assignment": {str(t): s for t, s in assignment.items()}}
-    (out / "weightspace.json").write_text(json.dumps(info, indent=1))
+    write_lora(target_model, updates, lw.modules, rank, out, extra={"weightspace.json": json.dumps(info, indent=1)})
     return info

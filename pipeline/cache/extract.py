@@ -20,6 +20,7 @@ import storage
 from pipeline.cache.corpus import load_corpus, segment, segmentation_hash
 from pipeline.cache.hooks import capture, parse_layers, parse_sites, run_to_deepest, site_dim
 from pipeline.cache.models import load_model, load_tokenizer, model_identity, resolve
+from storage.fs import as_path
 from storage.layout import FORMAT_VERSION, STORAGE_DTYPES, StoreError, encode
 from runtime.work import run_items
 from storage.writer import clean_leftovers, committed_units, create_store, write_unit
@@ -34,8 +35,9 @@ class ExtractConfig:
     model: str
     """Registry name (smollm2-135m, gemma3-270m, tiny-*), local HF directory or hub id."""
     out: str
-    """Store directory. Created if absent; an existing store is resumed only if it was
-    made with the same model, corpus, segmentation, sites, layers and dtype."""
+    """Store directory or object-store URL (s3://bucket/prefix/x.zarr). Created if absent; an
+    existing store is resumed only if it was made with the same model, corpus,
+    segmentation, sites, layers and dtype."""
     corpus: str = "nlp-corpus"
     """Built-in corpus name, or a file/directory/glob of .txt/.jsonl/.parquet."""
     sites: str = "resid,attn_in,mlp_in"
@@ -59,6 +61,9 @@ class ExtractConfig:
     """Ray cluster address; default starts a local Ray on 127.0.0.1."""
     device: str | None = None
     """torch device; default CUDA when present, else CPU."""
+    cpus_per_worker: int = 0
+    """CPUs each Ray actor reserves and runs torch on (0: an equal share of the cluster's
+    CPUs, never more than one node has)."""
     gpus_per_worker: float = 0.0
     """GPUs requested per actor on a cluster (0 on CPU machines)."""
 
@@ -70,6 +75,8 @@ class ExtractConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.workers < 0:
             raise ValueError(f"--workers must be >= 0, got {self.workers}")
+        if self.cpus_per_worker < 0 or self.gpus_per_worker < 0:
+            raise ValueError("--cpus-per-worker and --gpus-per-worker must be >= 0")
         self.sites = ",".join(parse_sites(self.sites))
 
 
@@ -161,7 +168,7 @@ class Extractor:
     def __init__(self, model: str, store: str, layers: list[int], sites: list[str], dtype: str,
                  batch_tokens: int, device: str | None = None):
         self.lm = load_model(model, device=device)
-        self.store, self.layers, self.sites = Path(store), layers, sites
+        self.store, self.layers, self.sites = as_path(store), layers, sites
         self.dtype, self.batch_tokens = dtype, batch_tokens
         self.pad = self.lm.tokenizer.pad_token_id or 0
         self.overlap_writes = True  # commit each unit on a writer thread while the next is forwarded
@@ -171,7 +178,7 @@ class Extractor:
     def retarget(self, store: str | Path) -> None:
         """Commit the next units into another store (made with the same plan and settings)."""
         self.flush()
-        self.store = Path(store)
+        self.store = as_path(store)
 
     @torch.no_grad()
     def run(self, unit: Unit) -> dict:
@@ -284,7 +291,7 @@ def prepare(cfg: ExtractConfig):
 
 def open_or_create(cfg: ExtractConfig, meta: dict) -> set[int]:
     """Create the store, or resume one made with identical settings; never clobber."""
-    out = Path(cfg.out)
+    out = as_path(cfg.out)
     if (out / "zarr.json").exists():
         existing = storage.open_store(out).meta
         diffs = [k for k in meta if k != "code_version" and existing.get(k) != meta[k]]
@@ -331,7 +338,8 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     # No retries: a unit that fails ends the run; committed units stay and a re-run resumes.
     run_items(pending, Extractor, args, workers=cfg.workers, address=cfg.address,
-              gpus_per_worker=cfg.gpus_per_worker, label=lambda unit: f"unit {unit.unit}",
+              cpus_per_worker=cfg.cpus_per_worker or None, gpus_per_worker=cfg.gpus_per_worker,
+              label=lambda unit: f"unit {unit.unit}",
               on_result=lambda unit, res: bar.update(res["tokens"]))
     bar.close()
     seconds = time.perf_counter() - t0

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.cache import cache_dir
+from pipeline.cache import cache_dir, from_shared, to_shared
 from pipeline.cache.checkpoint import INFO_FILE, read_info, tokenizer_hash, write_info
 from storage.files import atomic_path, sha256_file
 from pipeline.cache.tiny import TINY_PRESETS, build_tiny
@@ -170,7 +170,7 @@ def fetch_model(name: str) -> Path:
         )
     spec = REGISTRY[name]
     final = _checkpoint_dir(spec)
-    if (final / INFO_FILE).exists():
+    if (final / INFO_FILE).exists() or from_shared(final, INFO_FILE):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{spec.name}-") as work:
@@ -179,6 +179,7 @@ def fetch_model(name: str) -> Path:
         with atomic_path(final, keep=INFO_FILE) as staged:
             _convert(gguf, staged)
             write_info(staged, name=spec.name, weights_hash=spec.sha256)
+    to_shared(final, INFO_FILE)
     return final
 
 

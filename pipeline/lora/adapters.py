@@ -13,6 +13,7 @@ import torch
 
 from pipeline.cache.hooks import LINEARS
 from pipeline.cache.models import ModelInfo
+from storage.fs import as_path, local_copy
 
 ALL_TARGETS = LINEARS
 CAST_FILE = "cast_lora.json"
@@ -34,7 +35,7 @@ def parse_targets(spec: str) -> list[str]:
 
 def read_adapter_meta(adapter_dir: str | Path) -> dict | None:
     """cast_lora.json of an adapter, or None for a plain PEFT adapter from elsewhere."""
-    d = Path(adapter_dir)
+    d = as_path(adapter_dir)
     if not (d / "adapter_config.json").is_file():
         raise LoraError(f"--adapter {d}: no adapter_config.json; expected a PEFT adapter directory "
                         f"(written by `cast lora train` or peft's save_pretrained)")
@@ -61,4 +62,4 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Mo
     """Plain PEFT loading, in eval mode."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    return PeftModel.from_pretrained(model, str(local_copy(adapter_dir))).eval()  # PEFT reads local dirs

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from pipeline.lora.tasks import Example, Task, load_task, prompt_key
+from storage.fs import as_path
 
 
 @dataclass
@@ -80,8 +81,9 @@ class EvalResult:
                 f"[{self.ci_low:.3f}, {self.ci_high:.3f}] ({self.correct}/{self.n})")
 
     def to_json(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(asdict(self), indent=1))
+        path = as_path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=1))
 
 
 def bootstrap_ci(correct: list[bool], n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
@@ -203,7 +205,7 @@ def run_evaluate(cfg: EvalConfig, progress: bool = True) -> EvalResult:
     res = evaluate_model(model, lm.tokenizer, task, limit=cfg.limit, batch_size=cfg.batch_size,
                          max_new_tokens=cfg.max_new_tokens, n_boot=cfg.n_boot, seed=cfg.seed,
                          progress=progress)
-    res.meta |= {"model": asdict(lm.info), "adapter": str(Path(cfg.adapter).resolve()) if cfg.adapter else None,
+    res.meta |= {"model": asdict(lm.info), "adapter": str(as_path(cfg.adapter).resolve()) if cfg.adapter else None,
                  "adapter_recipe": (adapter_meta or {}).get("recipe")}
     if cfg.out:
         res.to_json(cfg.out)

@@ -21,6 +21,7 @@ from pipeline.cache.models import LoadedModel, load_model
 from pipeline.lora.adapters import CAST_FILE, LoraError, parse_targets
 from pipeline.lora.tasks import Example, Task, load_task, prompt_key
 from storage.files import atomic_path
+from storage.fs import as_path
 
 
 @dataclass
@@ -182,7 +183,7 @@ def save_loss_curve(out: Path, losses: list[float]) -> None:
     ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=100)
+    fig.savefig(out / "loss.png", dpi=100)  # out: the staged local directory
     plt.close(fig)
 
 
@@ -194,7 +195,7 @@ def train_lora(cfg: LoraTrainConfig, task: Task | None = None, loaded: LoadedMod
     instead of stripping the LoRA layers out of the caller's model again."""
     from peft import LoraConfig, get_peft_model
 
-    out = Path(cfg.out)
+    out = as_path(cfg.out)
     _check_out(out, cfg.force)
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.rank < 1:
         raise LoraError("--steps, --batch-size and --rank must be at least 1")

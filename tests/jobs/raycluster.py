@@ -1,4 +1,5 @@
-"""A throwaway Ray head for tests: `ray start --head --block` on 127.0.0.1 only.
+"""A throwaway Ray cluster for tests: `ray start --head --block` on 127.0.0.1 only, and
+optionally a second node (RayNode) joining it on the same machine, also on loopback.
 
 Everything it starts lives under its own --temp-dir and its own ports, so it never meets
 another Ray on this machine (no shared /tmp/ray/ray_current_cluster, no default ports).
@@ -8,6 +9,7 @@ Ray process on the machine, other people's included.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -45,7 +47,7 @@ def clean_env(**extra: str) -> dict:
 
 
 class RayHead:
-    def __init__(self, num_cpus: int = 2, token: str | None = None):
+    def __init__(self, num_cpus: int = 2, token: str | None = None, env: dict | None = None):
         self.tmp = Path(tempfile.mkdtemp(prefix="castray-", dir="/tmp"))  # short: unix socket paths
         ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
         self.gcs_port, self.dashboard_port = ports["--port"], ports["--dashboard-port"]
@@ -57,7 +59,8 @@ class RayHead:
             RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
             RAY_AUTH_MODE="token" if token else "disabled",
             CAST_TEST_RAY_HEAD=str(self.tmp),
-            **({"RAY_AUTH_TOKEN": token} if token else {}))
+            **({"RAY_AUTH_TOKEN": token} if token else {}), **(env or {}))
+        self.env = env
         cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                "--dashboard-host", "127.0.0.1", "--include-dashboard", "true",
                "--num-cpus", str(num_cpus), "--num-gpus", "0", "--object-store-memory", str(100 * 2**20),
@@ -87,6 +90,20 @@ class RayHead:
                                        f"{self.log.read_text()[-3000:]}") from None
                 time.sleep(0.5)
         return self.url
+
+    def api(self, path: str):
+        """GET a dashboard endpoint (with the token), as JSON."""
+        req = urllib.request.Request(f"{self.wait_ready()}{path}",
+                                     headers={"Authorization": f"Bearer {self.token}"} if self.token else {})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    def nodes(self) -> list[dict]:
+        """Alive nodes: {"id", "ip", "resources"} each."""
+        rows = self.api("/nodes?view=summary")["data"]["summary"]
+        return [{"id": r["raylet"]["nodeId"], "ip": r["raylet"].get("nodeManagerAddress"),
+                 "resources": r["raylet"].get("resourcesTotal", {})}
+                for r in rows if r["raylet"].get("state") == "ALIVE"]
 
     def leftovers(self) -> list[int]:
         """Pids of processes of this head: its temp dir in their command line, or its marker in
@@ -124,3 +141,69 @@ class RayHead:
                     pass
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# `ray start --address` refuses to start a worker node when Ray believes clustering is off,
+# and we need every other part of Ray to believe it (otherwise it swaps 127.0.0.1 for the
+# machine's outward address and connects there, see RayHead). So in the CLI process the
+# switch reads "on" for that one check in `start` and "off" everywhere else; the node's
+# own processes inherit RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0.
+_JOIN = """
+import sys
+from ray._private import ray_constants
+class OnlyForStartsCheck:
+    def __bool__(self):
+        return sys._getframe(1).f_code.co_name == "start"
+ray_constants.ENABLE_RAY_CLUSTER = OnlyForStartsCheck()
+from ray.scripts.scripts import main
+sys.argv[0] = "ray"
+main()
+"""
+
+
+class RayNode:
+    """A second node of `head`'s cluster on this machine: its own ports and CPUs, a custom
+    resource of its own (a name without "_": the dashboard camel-cases keys), and the head's
+    environment (auth token, marker, extra env), so head.stop() also finds what is left of it."""
+
+    PORTS = ("--node-manager-port", "--object-manager-port", "--metrics-export-port",
+             "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port")
+
+    def __init__(self, head: RayHead, num_cpus: int = 1, resources: dict | None = None):
+        self.head, self.resources = head, resources or {}
+        head.wait_ready()
+        cmd = [sys.executable, "-c", _JOIN, "start", "--block", "--address", f"127.0.0.1:{head.gcs_port}",
+               "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus), "--num-gpus", "0",
+               "--resources", json.dumps(self.resources), "--object-store-memory", str(100 * 2**20),
+               "--disable-usage-stats"]
+        for flag, port in zip(self.PORTS, free_ports(len(self.PORTS))):
+            cmd += [flag, str(port)]
+        self.log = head.tmp / "ray-node.log"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(cmd, env=head.env, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True, cwd=head.tmp)
+
+    def wait_joined(self, timeout: float = 120.0) -> dict:
+        """This node as the head lists it, once it is alive there."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start (node) exited with {self.proc.returncode}:\n"
+                                   f"{self.log.read_text()[-3000:]}")
+            mine = [n for n in self.head.nodes() if all(n["resources"].get(k) == v for k, v in self.resources.items())
+                    and self.resources]
+            if mine:
+                return mine[0]
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the second Ray node did not join in {timeout:.0f} s:\n"
+                                   f"{self.log.read_text()[-3000:]}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # drains and stops this node's processes
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)

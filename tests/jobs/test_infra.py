@@ -124,23 +124,23 @@ def check(argv: list[str]) -> str | None:
     return None  # docker, kubectl, mkdir, mount, ulimit: not ours
 
 
-@pytest.mark.parametrize("source", ["cluster.yaml", "rayjob.yaml", "README.md"])
+@pytest.mark.parametrize("source", ["cluster.yaml", "rayjob.yaml", "cluster-s3.yaml", "rayjob-s3.yaml", "README.md"])
 def test_every_command_named_exists_and_takes_its_flags(source, monkeypatch):
     monkeypatch.chdir(ROOT)  # the README's relative paths (infra/cluster.yaml) are from the root
     if source == "README.md":
         snippets = bash_blocks((INFRA / source).read_text())
-    elif source == "cluster.yaml":  # what the launcher runs on the nodes
+    elif source.startswith("cluster"):  # what the launcher runs on the nodes
         cfg = load(source)
         snippets = [c for key, value in cfg.items() if key.endswith("_commands") for c in strings(value)]
     else:  # what the RayJob submits
         snippets = [load(source)["spec"]["entrypoint"]]
     checked = [c for s in snippets for argv in commands(s) if (c := check(argv))]
-    expected = {"cluster.yaml": {"cast fetch-model", "cast fetch-corpus", "ray start", "ray stop"},
-                "rayjob.yaml": {"python -m jobs.extract", "python -m jobs.align", "python -m jobs.layermap",
-                                "python -m jobs.train_heads"},
+    launcher = {"cast fetch-model", "cast fetch-corpus", "ray start", "ray stop"}
+    rayjob = {"python -m jobs.extract", "python -m jobs.align", "python -m jobs.layermap", "python -m jobs.train_heads"}
+    expected = {"cluster.yaml": launcher, "cluster-s3.yaml": launcher, "rayjob.yaml": rayjob, "rayjob-s3.yaml": rayjob,
                 "README.md": {"cast submit extract", "cast submit align", "cast submit layermap",
-                              "cast submit train-heads", "cast submit validate", "cast submit run", "ray up",
-                              "ray job"}}[source]
+                              "cast submit train-heads", "cast submit lora", "cast submit validate", "cast submit run",
+                              "cast verify", "cast inspect", "ray up", "ray job"}}[source]
     assert expected <= set(checked), f"{source}: expected {expected - set(checked)} among {sorted(set(checked))}"
 
 
@@ -158,11 +158,12 @@ def test_commands_parser_sees_through_shell_syntax():
 # ----------------------------------------------------------------------------- manifests
 
 
-def test_cluster_launcher_config_is_valid_for_ray():
+@pytest.mark.parametrize("name", ["cluster.yaml", "cluster-s3.yaml"])
+def test_cluster_launcher_config_is_valid_for_ray(name):
     import jsonschema
     import ray.autoscaler
 
-    cfg = load("cluster.yaml")
+    cfg = load(name)
     schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
     jsonschema.validate(cfg, schema)
     types = cfg["available_node_types"]
@@ -171,7 +172,27 @@ def test_cluster_launcher_config_is_valid_for_ray():
     gpu = [k for k, v in workers.items() if v["node_config"]["InstanceType"].startswith(("g", "p"))]
     cpu = [k for k in workers if k not in gpu]
     assert gpu and cpu, "GPU workers for extraction and CPU workers for heads"
-    assert "-v /shared:/shared" in cfg["docker"]["run_options"]  # one shared filesystem on every node
+    assert "-e CAST_AUTOSCALING=1" in cfg["docker"]["run_options"]  # GPU workers scale from 0: actors wait for one
+    for command in cfg["head_start_ray_commands"][-1:] + cfg["worker_start_ray_commands"][-1:]:
+        assert "RAY_AUTH_MODE=token ray start" in command
+    assert cfg["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+    if name == "cluster.yaml":
+        assert "-v /shared:/shared" in cfg["docker"]["run_options"]  # one shared filesystem on every node
+    else:  # nothing shared but the bucket, reached through each node's instance role
+        assert "/shared" not in json.dumps(cfg)
+        assert all("IamInstanceProfile" in t["node_config"] for t in types.values())
+
+
+def test_object_storage_launcher_mirrors_the_shared_disk_one():
+    shared, s3 = load("cluster.yaml"), load("cluster-s3.yaml")
+    assert shared["available_node_types"].keys() == s3["available_node_types"].keys()
+    for name, t in shared["available_node_types"].items():
+        other = s3["available_node_types"][name]
+        assert other["node_config"]["InstanceType"] == t["node_config"]["InstanceType"]
+        rest = lambda node_type: {k: v for k, v in node_type.items() if k != "node_config"}  # noqa: E731
+        assert rest(other) == rest(t)
+    for key in ("provider", "head_node_type", "max_workers", "head_start_ray_commands", "worker_start_ray_commands"):
+        assert shared[key] == s3[key], key
 
 
 def test_rayjob_manifest_is_a_rayjob_on_the_pinned_ray():
@@ -190,7 +211,61 @@ def test_rayjob_manifest_is_a_rayjob_on_the_pinned_ray():
         claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]}
         mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
         assert claims[mounts["/shared"]] == "cast-shared"
+        assert {"name": "CAST_AUTOSCALING", "value": "1"} in pod["containers"][0]["env"]
     assert "--gpus-per-worker 1" in " ".join(spec["entrypoint"].split())
+
+
+def test_object_storage_rayjob_shares_only_the_bucket_with_secrets_and_token_auth():
+    shared, job = load("rayjob.yaml")["spec"], load("rayjob-s3.yaml")
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    spec, cluster = job["spec"], job["spec"]["rayClusterSpec"]
+    assert cluster["rayVersion"] == pins()["ray"]
+    groups = cluster["workerGroupSpecs"]
+    limits = lambda gs: {g["groupName"]: g["template"]["spec"]["containers"][0]["resources"]["limits"]  # noqa: E731
+                         for g in gs}
+    assert limits(groups) == limits(shared["rayClusterSpec"]["workerGroupSpecs"])  # the same machines
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in groups]
+    token = {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": "cast-ray-token", "key": "token"}}}
+    for pod in pods:
+        c = pod["containers"][0]
+        assert not any("persistentVolumeClaim" in v for v in pod["volumes"])  # no shared disk at all
+        assert c["envFrom"] == [{"secretRef": {"name": "cast-s3"}}]  # endpoint and credentials from the Secret
+        assert {"name": "RAY_AUTH_MODE", "value": "token"} in c["env"] and token in c["env"]
+        assert {"name": "CAST_AUTOSCALING", "value": "1"} in c["env"]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["CAST_CACHE"] == "s3://your-bucket/cache"  # shared through the bucket,
+        assert any(m["mountPath"] == env["CAST_LOCAL_CACHE"] for m in c["volumeMounts"])  # loaded locally
+    submitter = spec["submitterPodTemplate"]["spec"]["containers"][0]
+    assert {"name": "RAY_AUTH_MODE", "value": "token"} in submitter["env"] and token in submitter["env"]
+    # Every path a stage is given is in the bucket, and the resources come from the flags.
+    argv = " ".join(spec["entrypoint"].split())
+    paths = [w for w in argv.split() if "/runs/" in w]
+    assert len(paths) == 14 and all(p.startswith("s3://your-bucket/runs/demo/") for p in paths), paths
+    assert "--gpus-per-worker 1 --cpus-per-worker 4" in argv and "--cpus-per-head 1" in argv
+    assert "/shared" not in json.dumps(job)
+
+
+@pytest.mark.parametrize("name", ["cluster.yaml", "rayjob.yaml", "cluster-s3.yaml", "rayjob-s3.yaml",
+                                  "runtime_env.yaml"])
+def test_no_manifest_holds_a_credential(name):
+    """Keys reach the nodes from a Secret or an instance role, never written in a manifest."""
+    text = (INFRA / name).read_text()
+    assert not re.search(r"AKIA[0-9A-Z]{12,}", text)
+    for node in [load(name)]:
+        for s in strings(node):
+            assert not re.search(r"AWS_(SECRET_ACCESS_KEY|ACCESS_KEY_ID|SESSION_TOKEN)=\S", s), s
+
+    def env_entries(n):
+        if isinstance(n, dict):
+            if set(n) >= {"name"} and str(n["name"]).startswith(("AWS_", "RAY_AUTH_TOKEN")):
+                yield n
+            for v in n.values():
+                yield from env_entries(v)
+        elif isinstance(n, list):
+            for v in n:
+                yield from env_entries(v)
+
+    assert all("value" not in e for e in env_entries(load(name)))
 
 
 def test_runtime_env_example_is_accepted_by_ray():

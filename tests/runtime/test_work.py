@@ -62,3 +62,23 @@ def test_a_killed_ray_worker_is_replaced_and_its_item_retried(tmp_path, ray_loca
               label=lambda i: f"item {i}", on_result=got.__setitem__)
     assert got == {0: 0, 1: 10, 2: 20, 3: 30}
     assert len(list((tmp_path / "s").glob("flushed-*"))) == 2  # every live worker flushed at the end
+
+
+def test_worker_resources_fit_one_node_and_a_larger_request_is_refused(monkeypatch, capsys):
+    from runtime.cluster import check_fits, worker_cpus
+
+    two = [{"ip": "a", "CPU": 1.0}, {"ip": "b", "CPU": 1.0, "castnode2": 1.0}]
+    assert worker_cpus(two, workers=1, gpus=0) == 1  # a share of both nodes would fit on neither
+    mixed = [{"ip": "cpu", "CPU": 8.0}, {"ip": "gpu", "CPU": 4.0, "GPU": 1.0}]
+    assert worker_cpus(mixed, workers=1, gpus=1) == 4 and worker_cpus(mixed, workers=4, gpus=0) == 3
+    check_fits(mixed, 4, 1, ("--cpus-per-worker", "--gpus-per-worker"))
+    monkeypatch.delenv("CAST_AUTOSCALING", raising=False)
+    with pytest.raises(ValueError, match=r"--cpus-per-worker 5 --gpus-per-worker 1: each worker would need 5 "
+                                         r"CPU\(s\) and 1 GPU\(s\) on one node, but no node .* \(cpu 8 CPU 0 GPU, "
+                                         r"gpu 4 CPU 1 GPU\)"):
+        check_fits(mixed, 5, 1, ("--cpus-per-worker", "--gpus-per-worker"))
+    with pytest.raises(ValueError, match=r"^--cpus-per-head 2: "):
+        check_fits(two, 2, 0, ("--cpus-per-head", ""))
+    monkeypatch.setenv("CAST_AUTOSCALING", "1")  # a cluster that can add the node waits for it instead
+    check_fits(two, 2, 0, ("--cpus-per-head", ""))
+    assert "waiting for the autoscaler" in capsys.readouterr().err
