@@ -41,6 +41,7 @@ from pipeline.assemble.transfer import MANIFEST, build_bridges, load_bridged, ne
 from pipeline.assemble.weightspace import set_lora, to_lora, write_lora
 from pipeline.cache.hooks import find_linear, get_layer_list
 from storage.files import atomic_path, sha256_bytes, sha256_file
+from storage.fs import RemotePath, as_path, local_copy
 
 EXPORT_FILE = "cast_export.json"
 EXPORT_KIND = "cast.export"
@@ -142,7 +143,7 @@ def export_peft(cfg: ExportConfig, progress: bool = True) -> dict:
     """Write cfg.out (see the module's docstring); returns what cast_export.json holds."""
     from pipeline.cache.models import load_model
 
-    path, out = Path(cfg.bridged), Path(cfg.out)
+    path, out = local_copy(cfg.bridged), as_path(cfg.out)  # the artifact is read locally; out may be a URL
     manifest = read_manifest(path)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.force:
         raise BridgeError(f"--out {out} exists and is not empty; choose another path or pass --force")
@@ -179,8 +180,13 @@ def export_peft(cfg: ExportConfig, progress: bool = True) -> dict:
     return info
 
 
-def _checkpoint_dir(out: Path) -> Path:
-    """Beside --out, named after it (not random, as atomic_path's is) so a rerun finds it."""
+def _checkpoint_dir(out) -> Path:
+    """Beside --out, named after it (not random, as atomic_path's is) so a rerun finds it;
+    for an object-store --out, in the local temp directory (checkpoints are rewritten often)."""
+    if isinstance(out, RemotePath):
+        import tempfile
+
+        return Path(tempfile.gettempdir()) / f"cast-distill-{sha256_bytes(str(out))[:16]}"
     return out.parent / f".tmp-{out.name}-distill"
 
 
@@ -297,7 +303,7 @@ def _export_mlp(cfg, folds, rank, path, target, staged, text, key: str, progress
         return stats
 
     start = measure(f"rank-{rank} LoRA at the start (the linear paths' fold, constant absorbed)")
-    run = distill(student, systems["bridged"], train, cfg, _checkpoint_dir(Path(cfg.out)), key=key,
+    run = distill(student, systems["bridged"], train, cfg, _checkpoint_dir(as_path(cfg.out)), key=key,
                   progress=progress)
     end = measure(f"distilled for {cfg.steps} steps ({run['seconds']} s here)")
     student.save_pretrained(staged)
