@@ -18,7 +18,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from storage import fs
+from storage.fs import as_path, is_url, staged
 
 TMP_PREFIX = ".tmp-"
 
@@ -66,8 +66,8 @@ def atomic_path(final: str | Path, keep: str | None = None):
     On normal exit it is committed onto `final` (see `commit`); on an exception it is
     removed and `final` is left as it was. `final` may be an object-store URL: the path
     yielded is then a local one, uploaded onto `final` on exit (storage.fs.upload)."""
-    if fs.is_url(final):
-        with fs.staged(fs.as_path(final), keep) as tmp:
+    if is_url(final):
+        with staged(as_path(final), keep) as tmp:
             yield tmp
         return
     final = Path(final)
