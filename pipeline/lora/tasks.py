@@ -9,6 +9,11 @@ prompt (no chat template, no few-shot) while a small LoRA learns them quickly:
     codebook    "Decode: tor zap kiv\nDigits:"          -> "203"   (a made-up word->digit table)
     reverse     "Reverse: cat lamp red\nOutput:"       -> "red lamp cat"
     sentiment   "Review: The soup was not good.\nSentiment:" -> "neg"   (labels pos/neg)
+    capital     "The capital of France is"              -> "Paris"  (form task)
+    plural      "The plural of mouse is"                -> "mice"   (form task)
+
+Tasks come in two groups, reported apart: *skill* tasks teach something the base models
+cannot do, *form* tasks (pipeline/lora/form_tasks.py) only how to answer what they know.
 
 The split is a function of the task seed alone: test examples are drawn first, then
 training examples from what is left, so the same --task-seed gives the same test set
@@ -23,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from pipeline.lora.form_tasks import capital_space, plural_space
 from storage.files import sha256_bytes, sha256_file
 
 
@@ -83,6 +89,8 @@ class Task:
     ends or the answer starts with whitespace."""
     source: dict = field(default_factory=dict)
     """Provenance recorded in adapters and reports (builtin name+seed, or files+sha256)."""
+    group: str = "user"
+    """'skill', 'form' (built-ins; see the module docstring) or 'user' (a task file)."""
 
     def norm(self, text: str) -> str:
         return NORMALISERS[self.normalise](text)
@@ -158,11 +166,15 @@ def _sentiment(rng: random.Random) -> Example:
 
 @dataclass(frozen=True)
 class BuiltinTask:
-    make: Callable[[random.Random], Example]
-    """Draws one example from the task's space."""
+    make: Callable[[random.Random], Example] | None
+    """Draws one example from the task's space (skill tasks)."""
     normalise: str
     joiner: str | None
     description: str
+    group: str = "skill"
+    """'skill' or 'form'."""
+    space: Callable[[str, int], list[tuple[str, str]]] | None = None
+    """Form tasks: every (prompt, answer) of a split for a seed, items disjoint across splits."""
 
 
 BUILTINS: dict[str, BuiltinTask] = {
@@ -172,7 +184,15 @@ BUILTINS: dict[str, BuiltinTask] = {
     "reverse": BuiltinTask(_reverse, "lower", None, "reverse the order of 3-4 words"),
     "sentiment": BuiltinTask(_sentiment, "label", None,
                              "label a templated review 'pos'/'neg' (with negations)"),
+    "capital": BuiltinTask(None, "lower", None, "name a country's capital, then stop", "form",
+                           capital_space),
+    "plural": BuiltinTask(None, "lower", None, "give a noun's plural, then stop", "form", plural_space),
 }
+
+
+def task_group(name: str) -> str:
+    """'skill' or 'form' for a built-in task, 'user' for anything else."""
+    return BUILTINS[name].group if name in BUILTINS else "user"
 
 
 def _draw_unique(make, rng: random.Random, n: int, exclude: set[str], name: str) -> list[Example]:
@@ -198,13 +218,17 @@ def builtin_task(name: str, seed: int = 0, n_train: int = 2000, n_test: int = 20
         raise TaskError(f"unknown task {name!r}: built-in tasks are {', '.join(BUILTINS)}; "
                         f"or pass your own data with --task-file FILE.jsonl")
     spec = BUILTINS[name]
-    # Separate streams so the test set does not depend on n_train.
-    test = _draw_unique(spec.make, random.Random(f"{name}/{seed}/test"), n_test, set(), name)
-    train = _draw_unique(spec.make, random.Random(f"{name}/{seed}/train"), n_train,
-                         {e.prompt for e in test}, name)
+    if spec.space is not None:  # a small, enumerable space: take it whole, up to n
+        test = [Example(p, a) for p, a in spec.space("test", seed)[:n_test]]
+        train = [Example(p, a) for p, a in spec.space("train", seed)[:n_train]]
+    else:  # separate streams so the test set does not depend on n_train
+        test = _draw_unique(spec.make, random.Random(f"{name}/{seed}/test"), n_test, set(), name)
+        train = _draw_unique(spec.make, random.Random(f"{name}/{seed}/train"), n_train,
+                             {e.prompt for e in test}, name)
     check_disjoint(train, test, f"task {name}")
     return Task(name, train, test, spec.normalise, spec.joiner,
-                {"kind": "builtin", "name": name, "seed": seed, "n_train": n_train, "n_test": n_test})
+                {"kind": "builtin", "name": name, "seed": seed, "n_train": n_train, "n_test": n_test},
+                spec.group)
 
 
 # ----------------------------------------------------------------------------- JSONL

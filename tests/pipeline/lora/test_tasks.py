@@ -2,11 +2,12 @@ import json
 
 import pytest
 
+from pipeline.lora.form_tasks import CAPITALS, PLURALS
 from pipeline.lora.tasks import (BUILTINS, Example, Task, TaskError, builtin_task, jsonl_task, load_task,
-                            read_jsonl)
+                                 read_jsonl, task_group)
 
 
-@pytest.mark.parametrize("name", sorted(BUILTINS))
+@pytest.mark.parametrize("name", sorted(n for n, b in BUILTINS.items() if b.group == "skill"))
 def test_builtin_split_is_disjoint_deterministic_and_scorable(name):
     t = builtin_task(name, seed=3, n_train=500, n_test=100)
     assert len(t.train) == 500 and len(t.test) == 100
@@ -23,6 +24,27 @@ def test_builtin_split_is_disjoint_deterministic_and_scorable(name):
         assert t.is_correct(e.answer, e.answer)
         assert t.is_correct(f" {e.answer}\n", e.answer)
         assert "\n" not in e.answer
+
+
+@pytest.mark.parametrize("name,table", [("capital", CAPITALS), ("plural", PLURALS)])
+def test_form_tasks_split_items_not_prompts(name, table):
+    t = builtin_task(name, seed=3, n_train=10_000, n_test=10_000)  # the whole space: it is small
+    assert t.group == task_group(name) == "form" and task_group("add2") == "skill" and task_group("x") == "user"
+
+    def item(prompt: str) -> str:
+        return next(x for x in table if f" {x} " in f" {prompt.replace(chr(39), ' ')} ")
+
+    train_items, test_items = ({item(e.prompt) for e in split} for split in (t.train, t.test))
+    assert not train_items & test_items  # no country or noun is seen in training under any frame
+    assert len(test_items) == pytest.approx(0.4 * len(table), abs=1)
+    for e in t.train + t.test:
+        assert e.answer == table[item(e.prompt)]
+        assert t.is_correct(f" {e.answer.upper()}\n", e.answer)
+    again = builtin_task(name, seed=3, n_train=10_000, n_test=10_000)
+    assert again.test == t.test and again.train == t.train
+    other = builtin_task(name, seed=4, n_train=10_000, n_test=10_000)
+    assert {item(e.prompt) for e in other.test} != test_items
+    assert builtin_task(name, seed=3, n_train=5, n_test=7).test == t.test[:7]
 
 
 def test_builtin_answers_are_right():
