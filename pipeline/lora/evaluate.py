@@ -122,8 +122,11 @@ def score_predictions(task: Task, examples: list[Example], raws: list[str], n_bo
 
 @torch.no_grad()
 def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
-                    progress: bool = False, desc: str = "decode") -> list[str]:
-    """Greedy continuations of each prompt (special tokens dropped), in input order."""
+                    progress: bool = False, desc: str = "decode", logits_processor=None) -> list[str]:
+    """Greedy continuations of each prompt (special tokens dropped), in input order.
+    logits_processor: a transformers LogitsProcessor applied at every step (the logit proxy)."""
+    from transformers import LogitsProcessorList
+
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
 
@@ -147,8 +150,9 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, b
             for r, i in enumerate(idx):  # left padding: every prompt ends in column W-1
                 ids[r, W - len(enc[i]):] = torch.tensor(enc[i])
                 mask[r, W - len(enc[i]):] = 1
+            extra = {"logits_processor": LogitsProcessorList([logits_processor])} if logits_processor else {}
             gen_ids = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                     generation_config=gen)
+                                     generation_config=gen, **extra)
             for r, i in enumerate(idx):
                 out[i] = tokenizer.decode(gen_ids[r, W:], skip_special_tokens=True)
     finally:
@@ -158,7 +162,7 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, b
 
 def evaluate_model(model, tokenizer, task: Task, *, limit: int | None = None, batch_size: int = 16,
                    max_new_tokens: int | None = None, n_boot: int = 1000, seed: int = 0,
-                   progress: bool = True) -> EvalResult:
+                   progress: bool = True, logits_processor=None) -> EvalResult:
     """Greedy-decode the task's test split with an already-built model and score it."""
     examples = task.test[:limit] if limit else list(task.test)
     if not examples:
@@ -169,7 +173,7 @@ def evaluate_model(model, tokenizer, task: Task, *, limit: int | None = None, ba
         max_new_tokens = longest + 4
     t0 = time.perf_counter()
     raws = generate_greedy(model, tokenizer, [e.prompt for e in examples], max_new_tokens, batch_size,
-                           progress, desc=f"eval {task.name}")
+                           progress, desc=f"eval {task.name}", logits_processor=logits_processor)
     res = score_predictions(task, examples, raws, n_boot, seed)
     res.seconds = time.perf_counter() - t0
     res.meta = {"task": {"name": task.name, "normalise": task.normalise, **task.source},

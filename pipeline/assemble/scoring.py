@@ -1,0 +1,64 @@
+"""One system's scores in `cast validate`: exact match (decoded), answer log-likelihood and
+off-task damage (teacher-forced; pipeline/lora/likelihood.py). docs/design.md#tasks-and-validation
+says why both kinds: exact match is all-or-nothing, so a partial transfer shows only in the LL."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.assemble.distill import DistillConfig, corpus_sequences
+from pipeline.lora.evaluate import EvalResult, evaluate_model
+from pipeline.lora.likelihood import answer_logprobs, offtask
+from pipeline.lora.tasks import Task
+
+OFFTASK_LEN = 64
+PROXY_STRIDE = 8  # the proxy's off-task measure runs the source once per position: every 8th is scored
+
+
+@dataclass
+class SystemScore:
+    em: EvalResult | None
+    """Greedy exact match (None with --no-decode)."""
+    ll: np.ndarray
+    """Per test example: log p(reference answer + eos | prompt)."""
+    offtask: dict | None
+    """Perplexity and KL to the system's base model on held-out generic text (None: not measured)."""
+
+    def summary(self) -> str:
+        parts = [self.em.summary()] if self.em else []
+        parts.append(f"answer LL {self.ll.mean():.3f}")
+        if self.offtask:
+            parts.append(f"off-task ppl {self.offtask['perplexity']:.2f} KL {self.offtask['kl_to_base']:.4f}")
+        return " | ".join(parts)
+
+    def as_json(self) -> dict:
+        em = ({"exact_match": self.em.exact_match, "ci_low": self.em.ci_low, "ci_high": self.em.ci_high,
+               "correct": self.em.correct, "n": self.em.n} if self.em else {"n": len(self.ll)})
+        return {**em, "answer_ll": float(self.ll.mean()), "offtask": self.offtask}
+
+
+def heldout_ids(cfg, tokenizer, stores: list[dict]) -> torch.Tensor | None:
+    """cfg.offtask_sequences generic sequences from the corpus's end, in `tokenizer`'s ids
+    (segments the stores read are never among them)."""
+    if not cfg.offtask_sequences:
+        return None
+    dcfg = DistillConfig(corpus=cfg.corpus, seq_len=OFFTASK_LEN,
+                         eval_sequences=cfg.offtask_sequences)
+    return corpus_sequences(dcfg, tokenizer, stores, n_train=0)[1]
+
+
+def score_system(model, tokenizer, task: Task, base_model, held: torch.Tensor | None, cfg,
+                 progress: bool = True, proxy=None) -> SystemScore:
+    """Every measure of one system on the first cfg.limit test examples; with `proxy`
+    (pipeline/assemble/proxy.LogitProxy) the system is `model` decoding through it."""
+    em = (evaluate_model(model, tokenizer, task, limit=cfg.limit, batch_size=cfg.batch_size, n_boot=cfg.n_boot,
+                         progress=progress, logits_processor=proxy) if cfg.decode else None)
+    shift = proxy.shift if proxy else None
+    ll = answer_logprobs(model, tokenizer, task, task.test[:cfg.limit], cfg.batch_size, shift=shift)
+    off = None
+    if held is not None and (model is not base_model or proxy):
+        off = offtask(model, base_model, held, cfg.batch_size, shift=shift, tokenizer=tokenizer,
+                      stride=PROXY_STRIDE if proxy else 1)
+    return SystemScore(em, ll, off)
