@@ -28,12 +28,15 @@ def cmd_generate(ns) -> int:
 
     from pipeline.assemble.transfer import load_bridged
 
+    from transformers import LogitsProcessorList
+
     lm = load_bridged(ns.bridged, device=ns.device)
+    proxy = LogitsProcessorList([lm.logits_processor] if lm.logits_processor else [])
     for prompt in ns.prompt:
         ids = lm.tokenizer(prompt, return_tensors="pt").to(lm.device)
         with torch.no_grad():
             out = lm.model.generate(**ids, max_new_tokens=ns.max_new_tokens, do_sample=False,
-                                    pad_token_id=lm.tokenizer.pad_token_id)
+                                    pad_token_id=lm.tokenizer.pad_token_id, logits_processor=proxy)
         print(prompt + lm.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
     return 0
 

@@ -18,7 +18,7 @@ from heads.headset import write_summary
 from heads.run import TrainHeadsConfig, run_train_heads
 from pipeline.align.layermap import LayermapConfig, run_layermap
 from pipeline.align.pairs import AlignConfig, run_align
-from pipeline.assemble.validate import ValidateConfig, format_report, run_validate
+from pipeline.assemble.validate import ValidateConfig, format_report, format_summary, run_validate
 from pipeline.cache.extract import ExtractConfig, run_extract
 from pipeline.cache.hooks import lora_sites
 from pipeline.cache.models import DEFAULT_SOURCE, DEFAULT_TARGET
@@ -48,9 +48,10 @@ class RunConfig:
     """Source model (the LoRA's base)."""
     target: str = DEFAULT_TARGET
     """Target model (receives the transferred LoRA)."""
-    tasks: str = "add2,codebook,reverse"
-    """Built-in tasks: a source LoRA is trained on each, transferred and validated."""
-    corpus: str = sets((ExtractConfig, "corpus"))
+    tasks: str = "add2,codebook,reverse,capital"
+    """Built-in tasks: a source LoRA is trained on each, transferred and validated (skill tasks add2, codebook,
+    reverse, sentiment; form tasks capital, plural)."""
+    corpus: str = sets((ExtractConfig, "corpus"), (ValidateConfig, "corpus"))
     max_tokens: int = sets((ExtractConfig, "max_tokens"))
     targets: str = sets((LoraTrainConfig, "targets"))
     """Modules the LoRAs adapt (sites extracted and heads trained follow from these)."""
@@ -60,7 +61,7 @@ class RunConfig:
     head_epochs: int = sets((TrainHeadsConfig, "epochs"), default=8)
     head_hidden: int = sets((TrainHeadsConfig, "hidden"), default=256)
     limit: int = sets((ValidateConfig, "limit"), default=100)
-    """Test examples per system and task (7 systems are decoded for each task)."""
+    """Test examples per system and task (9 systems are scored for each task, 8 of them decoded)."""
     carry: str = sets((ValidateConfig, "carry"))
     workers: int = sets((ExtractConfig, "workers"))
     """Ray extraction actors per model (0: in-process); head training uses 2 tasks."""
@@ -136,7 +137,8 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict:
                                               out=str(dest)), progress=progress))
         timings[f"validate {task}"] = time.perf_counter() - t0
     summary = "\n".join(format_report(r) for r in reports)
-    (out / "report.md").write_text(f"# CAST run: {cfg.source} -> {cfg.target}\n\n{summary}")
+    (out / "report.md").write_text(f"# CAST run: {cfg.source} -> {cfg.target}\n\n## All tasks\n\n"
+                                   f"{format_summary(reports)}\n{summary}")
     result = {"out": str(out), "seconds": time.perf_counter() - t_all, "timings": timings,
               "reports": [str(out / "validate" / t / "report.json") for t in tasks]}
     (out / "run.json").write_text(json.dumps(result, indent=2))

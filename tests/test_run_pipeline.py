@@ -20,9 +20,10 @@ def test_cast_run_on_tiny_models_then_resume(tmp_path, corpus_dir, capsys):
     report = json.loads((run / "validate" / "add2" / "report.json").read_text())
     assert set(report["systems"]) == {"source base", "source + LoRA", "target base", "target + retrained LoRA",
                                       "target + CAST (mlp)", "target + CAST (ridge)", "target + CAST exported",
-                                      "target + weight-space"}
-    assert report["n"] == 6
-    assert {"recovery", "ratio"} <= set(report["transfer"]["target + CAST (mlp)"])
+                                      "target + weight-space", "target + logit proxy"}
+    assert report["n"] == 6 and report["group"] == "skill"
+    assert {"recovery", "ratio", "ll_recovery"} <= set(report["transfer"]["target + CAST (mlp)"])
+    assert all(report["systems"][k]["offtask"]["tokens"] > 0 for k in report["transfer"])
     for f in ("report.md", "report.png"):
         assert (run / "validate" / "add2" / f).stat().st_size > 0
     assert "target + CAST (ridge)" in (run / "report.md").read_text()

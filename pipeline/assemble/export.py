@@ -148,6 +148,9 @@ def export_peft(cfg: ExportConfig, progress: bool = True) -> dict:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.force:
         raise BridgeError(f"--out {out} exists and is not empty; choose another path or pass --force")
     kind = manifest["head_kind"]
+    if kind == "proxy":
+        raise BridgeError(f"--bridged {cfg.bridged} is a logit proxy: it runs the source model at inference and "
+                          f"holds no map to fold into a target LoRA; export a --kind ridge or mlp transfer")
     if cfg.rank < 0:
         raise BridgeError(f"--rank {cfg.rank}: must be 0 (the full fold) or more")
     if (cfg.bias or cfg.absorb) and (kind != "ridge" or cfg.bias == cfg.absorb):

@@ -32,8 +32,11 @@ class TransferConfig:
     """Head set from `cast train-heads` (its source must be the adapters' base model)."""
     out: str
     """Bridged artifact directory to write."""
-    kind: str = "mlp"
-    """Head kind to bridge with: mlp (default) or ridge (the linear ablation)."""
+    kind: str = "proxy"
+    """proxy (default; the only kind that carries the behaviour on the default pair, docs/results.md): no heads,
+    the source with its LoRA runs beside the target and its change of log-probabilities is added to the target's
+    logits on shared tokens (docs/design.md#the-logit-proxy). mlp or ridge: the activation-space bridge, the LoRA's
+    modules applied through those heads (a plain target LoRA with `cast export`)."""
     carry: str = "all"
     """'all': every source LoRA layer is applied at the target layer whose mapped source layer is
     nearest; 'mapped': only the source layer chosen for each target layer."""
@@ -54,7 +57,7 @@ def needed_heads(modules: list[str], kind: str) -> list[tuple[str, str]]:
     return list(dict.fromkeys(need))
 
 
-def check_adapter(adapter: str, lw, hs: HeadSet, kind: str) -> None:
+def check_base(adapter: str, hs: HeadSet) -> None:
     from pipeline.lora.adapters import read_adapter_meta
 
     meta = read_adapter_meta(adapter)
@@ -64,6 +67,10 @@ def check_adapter(adapter: str, lw, hs: HeadSet, kind: str) -> None:
             f"{hs.source['model']}; train heads whose source store was extracted from the adapter's base model")
     if meta is None:
         print(f"[cast] {adapter}: no cast_lora.json; checking shapes only", file=sys.stderr)
+
+
+def check_adapter(adapter: str, lw, hs: HeadSet, kind: str) -> None:
+    check_base(adapter, hs)
     have = {(h["spec"]["direction"], h["spec"]["site"]) for h in hs.entries(kind=kind)}
     missing = [f"{d} {s}" for d, s in needed_heads(lw.modules, kind) if (d, s) not in have]
     if missing:
@@ -92,9 +99,18 @@ def run_transfer(cfg: TransferConfig) -> dict:
     out = as_path(cfg.out)
     if out.exists() and any(out.iterdir()) and not cfg.force:
         raise BridgeError(f"--out {out} exists and is not empty; choose another path or pass --force")
+    if cfg.kind not in ("mlp", "ridge", "proxy"):
+        raise BridgeError(f"--kind {cfg.kind}: choose mlp, ridge or proxy")
+    if cfg.kind == "proxy" and (len(adapters) > 1 or weights != [1.0]):
+        raise BridgeError("--kind proxy carries one adapter at weight 1; compose several with --kind mlp or ridge")
     entries, names = [], set()
     for i, (adapter, w) in enumerate(zip(adapters, weights)):
         lw = read_lora(adapter)
+        if cfg.kind == "proxy":  # no heads: only the adapter must belong to the head set's source
+            check_base(adapter, hs)
+            entries.append({"dir": f"adapters/{i}", "origin": str(adapter), "weight": w, "modules": lw.modules,
+                            "assignment": {}})
+            continue
         check_adapter(adapter, lw, hs, cfg.kind)
         assignment = assign_layers(lw.source_layers, hs.mapping, cfg.carry)
         entries.append({"dir": f"adapters/{i}", "origin": str(adapter), "weight": w, "modules": lw.modules,
@@ -112,6 +128,7 @@ def run_transfer(cfg: TransferConfig) -> dict:
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 copy_to_local(hs.path / (name + suffix), dst)
         index = {**hs.index, "heads": [h for h in hs.index["heads"] if h["name"] in names]}
+        (staged / "heads").mkdir(exist_ok=True)  # empty for a proxy: its index still records the models
         (staged / "heads" / INDEX).write_text(json.dumps(index, indent=1))
         manifest = {"kind": BRIDGED_KIND, "version": 1, "source": hs.source, "target": hs.target,
                     "head_kind": cfg.kind, "carry": cfg.carry, "layermap": hs.index["inputs"]["layermap"],
@@ -155,7 +172,9 @@ def build_bridges(path: Path, manifest: dict, device="cpu") -> dict:
 
 def load_bridged(path: str | Path, device: str | None = None, model: str | None = None):
     """The target model with the bridge applied (a LoadedModel), ready for `generate`.
-    `model` overrides where the target is loaded from (default: its registry name)."""
+    `model` overrides where the target is loaded from (default: its registry name). A proxy
+    artifact leaves the model as it is and sets `logits_processor` (pipeline/assemble/proxy.py):
+    pass it to generate(), or use pipeline.lora.evaluate.generate_greedy(..., logits_processor=)."""
     from pipeline.cache.models import load_model
 
     path = local_copy(path)  # a bridged artifact on object storage is read from a local copy
@@ -165,7 +184,14 @@ def load_bridged(path: str | Path, device: str | None = None, model: str | None 
         raise BridgeError(f"{path} was built for {manifest['target']['model']} with weights "
                           f"{manifest['target']['weights_hash'][:12]}, but the model loaded by that name has "
                           f"{lm.info.weights_hash[:12]}")
-    bridges = build_bridges(path, manifest, lm.device)
-    attach(lm.model, bridges)
     lm.model.eval()
+    if manifest["head_kind"] == "proxy":  # the target is left as it is; decoding goes through the proxy
+        from pipeline.assemble.proxy import LogitProxy
+        from pipeline.lora.adapters import load_adapter
+
+        src = load_model(manifest["source"]["model"], device=device)
+        lm.logits_processor = LogitProxy(load_adapter(src.model, path / manifest["adapters"][0]["dir"]),
+                                         src.tokenizer, lm.tokenizer)
+        return lm
+    attach(lm.model, build_bridges(path, manifest, lm.device))
     return lm

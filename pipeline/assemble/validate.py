@@ -2,7 +2,7 @@
 
     target base | target + LoRA retrained on target (same recipe) | target + CAST (mlp heads)
     target + CAST (ridge heads) | target + CAST exported (the ridge bridge as a plain PEFT LoRA)
-    target + weight-space transfer | source base | source + LoRA
+    target + weight-space transfer | target + logit proxy | source base | source + LoRA
 
 with recovery = (CAST - base) / (retrained - base) and ratio = CAST / retrained, each with
 a paired bootstrap interval over the test examples. JSON, Markdown and a bar chart.
@@ -19,6 +19,7 @@ import numpy as np
 
 from heads.headset import load_heads
 from pipeline.assemble.bridge import BridgeError, read_lora
+from pipeline.assemble.scoring import heldout_ids, score_system
 from storage.fs import as_path, writing
 
 
@@ -48,6 +49,18 @@ class ValidateConfig:
     """An existing target LoRA to use as the retrained reference (default: train one with the same recipe)."""
     n_boot: int = 2000
     """Bootstrap resamples for the intervals."""
+    decode: bool = True
+    """Greedy-decode every system for exact match; --no-decode keeps only the measures that need no decoding
+    (answer log-likelihood, off-task damage): seconds per system instead of minutes, for ablations."""
+    offtask_sequences: int = 32
+    """Held-out generic sequences (64 tokens, from the corpus's end, never read by the stores) on which each
+    system's perplexity and KL to its base model are measured; 0: skip."""
+    systems: str = "all"
+    """Systems scored besides the target base and the retrained reference (always: recovery needs them):
+    'all' or a comma-separated subset of source, mlp, ridge, exported, weight-space, proxy (the logit proxy:
+    the target decoding with the source LoRA's change of log-probabilities; docs/design.md#the-logit-proxy)."""
+    corpus: str = "nlp-corpus"
+    """Generic text of the off-task measures (the built-in corpus, or a file, directory or glob)."""
     device: str | None = None
     """torch device; default CUDA when present, else CPU."""
 
@@ -72,6 +85,16 @@ def paired_ratio_ci(x, base, ref, n_boot: int, seed: int = 0):
             summary(float(dx / dr) if dr > 0 else float("nan"), rat))
 
 
+SYSTEMS = ("source", "mlp", "ridge", "exported", "weight-space", "proxy")
+
+
+def chosen_systems(cfg: ValidateConfig) -> set[str]:
+    chosen = set(SYSTEMS) if cfg.systems == "all" else {x.strip() for x in cfg.systems.split(",") if x.strip()}
+    if not chosen or chosen - set(SYSTEMS):
+        raise BridgeError(f"--systems {cfg.systems}: choose 'all' or from {', '.join(SYSTEMS)}")
+    return chosen
+
+
 def _ensure_retrained(cfg: ValidateConfig, meta: dict, target_name: str, task, out: Path) -> str:
     from pipeline.lora.train import LoraTrainConfig, train_lora
 
@@ -89,7 +112,6 @@ def _ensure_retrained(cfg: ValidateConfig, meta: dict, target_name: str, task, o
 
 
 def run_validate(cfg: ValidateConfig, progress: bool = True) -> dict:
-    from pipeline.lora.evaluate import evaluate_model
     from pipeline.lora.adapters import load_adapter, read_adapter_meta
     from pipeline.cache.models import load_model
     from pipeline.lora.tasks import load_task
@@ -105,7 +127,9 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> dict:
                           f"retrain the reference on the target; train it with `cast lora train`")
     hs = load_heads(cfg.heads)
     lw = read_lora(cfg.adapter)
-    for kind in ("mlp", "ridge"):  # both bridges are built later: refuse now, before any decoding
+    chosen = chosen_systems(cfg)
+    bridges = [k for k in ("mlp", "ridge") if k in chosen or (k == "ridge" and "exported" in chosen)]
+    for kind in bridges:  # the bridges are built later: refuse now, before any decoding
         check_adapter(cfg.adapter, lw, hs, kind)
     task_name = cfg.task or (None if cfg.task_file else meta["task"]["name"])
     task = load_task(task_name, cfg.task_file, split="test", seed=cfg.task_seed)
@@ -116,75 +140,119 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> dict:
     src_name, tgt_name = hs.source["model"], hs.target["model"]
     t0 = time.perf_counter()
     results = {}
+    # Unwrapped copies: the off-task KL is measured against them, and PEFT wraps models in place.
+    ref = {"source": load_model(src_name, device=cfg.device), "target": load_model(tgt_name, device=cfg.device)}
+    held = {side: heldout_ids(cfg, lm.tokenizer, [hs.source, hs.target]) for side, lm in ref.items()}
 
-    def score(label: str, lm_model, tok) -> None:
-        res = evaluate_model(lm_model, tok, task, limit=cfg.limit, batch_size=cfg.batch_size,
-                             n_boot=cfg.n_boot, progress=progress)
-        results[label] = res
-        print(f"[cast] {label:<28} {res.summary()}", file=sys.stderr)
+    def score(label: str, lm_model, tok, proxy=None) -> None:
+        side = label.split()[0]
+        results[label] = score_system(lm_model, tok, task, ref[side].model, held[side], cfg, progress, proxy)
+        print(f"[cast] {label:<28} {results[label].summary()}", file=sys.stderr)
 
-    src = load_model(src_name, device=cfg.device)
-    score("source base", src.model, src.tokenizer)
-    score("source + LoRA", load_adapter(src.model, cfg.adapter), src.tokenizer)
-    tgt = load_model(tgt_name, device=cfg.device)
+    src, tgt = ref["source"], ref["target"]
+    if "source" in chosen:
+        score("source base", src.model, src.tokenizer)
+        score("source + LoRA", load_adapter(load_model(src_name, device=cfg.device).model, cfg.adapter),
+              src.tokenizer)
     score("target base", tgt.model, tgt.tokenizer)
     retrained = _ensure_retrained(cfg, meta, tgt_name, train_task, out)
     score("target + retrained LoRA", load_adapter(load_model(tgt_name, device=cfg.device).model, retrained),
           tgt.tokenizer)
-    for kind in ("mlp", "ridge"):
+    for kind in bridges:
         path = out / f"bridged-{kind}"
         run_transfer(TransferConfig(adapter=cfg.adapter, heads=cfg.heads, out=str(path), kind=kind,
                                     carry=cfg.carry, force=True))
-        bridged = load_bridged(path, device=cfg.device)
-        score(f"target + CAST ({kind})", bridged.model, bridged.tokenizer)
-    # The ridge bridge folded into a plain PEFT LoRA (cast export): does serving it keep the behaviour?
-    export_peft(ExportConfig(bridged=str(out / "bridged-ridge"), out=str(out / "exported-lora"), force=True,
-                             eval_sequences=0, device=cfg.device))
-    score("target + CAST exported", load_adapter(load_model(tgt_name, device=cfg.device).model, out / "exported-lora"),
-          tgt.tokenizer)
-    ws_path = out / "weightspace-lora"
-    # Fresh copies: PEFT wrapped the models above in place.
-    weightspace_adapter(cfg.adapter, load_model(src_name, device=cfg.device).model,
-                        load_model(tgt_name, device=cfg.device).model, hs.mapping, ws_path, cfg.carry)
-    score("target + weight-space", load_adapter(load_model(tgt_name, device=cfg.device).model, ws_path),
-          tgt.tokenizer)
+        if kind in chosen:
+            bridged = load_bridged(path, device=cfg.device)
+            score(f"target + CAST ({kind})", bridged.model, bridged.tokenizer)
+    if "exported" in chosen:  # the ridge bridge folded into a plain PEFT LoRA: does serving it keep the behaviour?
+        export_peft(ExportConfig(bridged=str(out / "bridged-ridge"), out=str(out / "exported-lora"), force=True,
+                                 eval_sequences=0, device=cfg.device))
+        score("target + CAST exported",
+              load_adapter(load_model(tgt_name, device=cfg.device).model, out / "exported-lora"), tgt.tokenizer)
+    if "weight-space" in chosen:
+        ws_path = out / "weightspace-lora"
+        # Fresh copies: PEFT wrapped the models above in place.
+        weightspace_adapter(cfg.adapter, load_model(src_name, device=cfg.device).model,
+                            load_model(tgt_name, device=cfg.device).model, hs.mapping, ws_path, cfg.carry)
+        score("target + weight-space", load_adapter(load_model(tgt_name, device=cfg.device).model, ws_path),
+              tgt.tokenizer)
+    if "proxy" in chosen:
+        run_transfer(TransferConfig(adapter=cfg.adapter, heads=cfg.heads, out=str(out / "bridged-proxy"), kind="proxy",
+                                    force=True))
+        proxied = load_bridged(out / "bridged-proxy", device=cfg.device)
+        score("target + logit proxy", proxied.model, proxied.tokenizer, proxied.logits_processor)
     return write_report(cfg, task.name, results, out, time.perf_counter() - t0, src_name, tgt_name)
 
 
 def write_report(cfg, task_name: str, results: dict, out: Path, seconds: float, src_name: str, tgt_name: str) -> dict:
-    vec = {k: [float(p["correct"]) for p in r.predictions] for k, r in results.items()}
-    base, ref = vec["target base"], vec["target + retrained LoRA"]
+    from pipeline.lora.tasks import task_group
+
+    base, ref = results["target base"], results["target + retrained LoRA"]
     derived = {}
-    for k in ("target + CAST (mlp)", "target + CAST (ridge)", "target + CAST exported", "target + weight-space"):
-        rec, rat = paired_ratio_ci(vec[k], base, ref, cfg.n_boot)
-        derived[k] = {"recovery": rec, "ratio": rat}
-    report = {"task": task_name, "source": src_name, "target": tgt_name, "n": len(base), "seconds": seconds,
-              "config": asdict(cfg),
-              "systems": {k: {"exact_match": r.exact_match, "ci_low": r.ci_low, "ci_high": r.ci_high,
-                              "correct": r.correct, "n": r.n} for k, r in results.items()},
-              "transfer": derived}
+    for k, r in results.items():
+        if not k.startswith("target + ") or r is ref:
+            continue
+        derived[k] = {"ll_recovery": paired_ratio_ci(r.ll, base.ll, ref.ll, cfg.n_boot)[0]}
+        if r.em:
+            rec, rat = paired_ratio_ci(*(_correct(x) for x in (r, base, ref)), cfg.n_boot)
+            derived[k].update(recovery=rec, ratio=rat)
+    report = {"task": task_name, "group": task_group(task_name), "source": src_name, "target": tgt_name,
+              "n": len(base.ll), "seconds": seconds, "config": asdict(cfg),
+              "systems": {k: r.as_json() for k, r in results.items()}, "transfer": derived}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     for k, r in results.items():
-        r.to_json(out / "predictions" / f"{k.replace(' ', '_').replace('+', 'plus').replace('(', '').replace(')', '')}.json")
+        name = k.replace(' ', '_').replace('+', 'plus').replace('(', '').replace(')', '')
+        if r.em:
+            r.em.to_json(out / "predictions" / f"{name}.json")
+        (out / "answer_ll" / f"{name}.json").parent.mkdir(parents=True, exist_ok=True)
+        (out / "answer_ll" / f"{name}.json").write_text(json.dumps([round(float(v), 4) for v in r.ll]))
     (out / "report.md").write_text(format_report(report))
-    plot_report(report, out / "report.png")
+    if cfg.decode:
+        plot_report(report, out / "report.png")
     return report
 
 
-def _fmt(d: dict) -> str:
+def _correct(score) -> list[float]:
+    return [float(p["correct"]) for p in score.em.predictions]
+
+
+def _fmt(d: dict | None) -> str:
+    if not d:
+        return ""
     v = d["value"]
     return "n/a" if v != v else f"{v:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}]"
 
 
 def format_report(report: dict) -> str:
-    lines = [f"## {report['task']}: {report['source']} -> {report['target']} ({report['n']} test examples)", "",
-             "| system | exact match [95% CI] | recovery [95% CI] | CAST/retrained [95% CI] |", "|---|---|---|---|"]
+    group = f", {report['group']} task" if report.get("group") else ""
+    lines = [f"## {report['task']}: {report['source']} -> {report['target']} ({report['n']} test examples{group})",
+             "", "| system | exact match [95% CI] | EM recovery [95% CI] | answer LL | LL recovery [95% CI] "
+             "| off-task ppl | KL to base |", "|---|---|---|---|---|---|---|"]
     for k, s in report["systems"].items():
-        t = report["transfer"].get(k)
-        lines.append(f"| {k} | {s['exact_match']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}] | "
-                     f"{_fmt(t['recovery']) if t else ''} | {_fmt(t['ratio']) if t else ''} |")
-    lines += ["", "recovery = (system - target base) / (retrained - target base); n/a where the retrained "
-              "LoRA does not beat the base."]
+        t = report["transfer"].get(k, {})
+        em = f"{s['exact_match']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]" if "exact_match" in s else "-"
+        off = s.get("offtask") or {}
+        ppl, kl = (f"{off['perplexity']:.2f}", f"{off['kl_to_base']:.4f}") if off else ("", "")
+        ll = f"{s['answer_ll']:.3f}" if "answer_ll" in s else ""
+        lines.append(f"| {k} | {em} | {_fmt(t.get('recovery'))} | {ll} | {_fmt(t.get('ll_recovery'))} | {ppl} | {kl} |")
+    lines += ["", "recovery = (system - target base) / (retrained - target base), for exact match and for the "
+              "answer's log-likelihood (teacher-forced, answer + eos); n/a where the retrained LoRA does not beat "
+              "the base. Off-task: perplexity and KL(base || system) per token on held-out generic text."]
+    return "\n".join(lines) + "\n"
+
+
+def format_summary(reports: list[dict]) -> str:
+    """Every task's transferred systems in one table, form tasks apart from skill tasks."""
+    lines = ["| task | group | system | exact match | EM recovery [95% CI] | LL recovery [95% CI] | KL to base |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(reports, key=lambda r: (r.get("group", ""), r["task"])):
+        for k, t in r["transfer"].items():
+            s = r["systems"][k]
+            em = f"{s['exact_match']:.2f}" if "exact_match" in s else "-"
+            kl = f"{s['offtask']['kl_to_base']:.3f}" if s.get("offtask") else ""
+            lines.append(f"| {r['task']} | {r.get('group', '')} | {k} | {em} | {_fmt(t.get('recovery')) or '-'} | "
+                         f"{_fmt(t.get('ll_recovery'))} | {kl} |")
     return "\n".join(lines) + "\n"
 
 
@@ -195,6 +263,7 @@ def plot_report(report: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(report["systems"])
+    names = [n for n in names if "exact_match" in report["systems"][n]]
     em = [report["systems"][n]["exact_match"] for n in names]
     err = [[e - report["systems"][n]["ci_low"] for n, e in zip(names, em)],
            [report["systems"][n]["ci_high"] - e for n, e in zip(names, em)]]

@@ -88,6 +88,8 @@ class LoadedModel:
     tokenizer: object
     info: ModelInfo
     device: torch.device
+    logits_processor: object = None
+    """Set by a proxy artifact (pipeline/assemble/transfer.load_bridged): decode through it."""
 
 
 def pick_device(device: str | None = None) -> torch.device:

@@ -215,12 +215,12 @@ def test_a_lora_bridged_and_validated_on_s3_ends_in_a_report_there(where, capsys
     assert main(["lora", "train", "--model", "tiny-llama", "--task", "add2", "--targets", "q_proj", "--steps", "3",
                  "--out", f"{run}/lora-add2", "--quiet"]) == 0
     assert main(["validate", "--adapter", f"{run}/lora-add2", "--heads", f"{run}/heads", "--out", f"{run}/report",
-                 "--limit", "4", "--n-boot", "50", "--quiet"]) == 0
+                 "--limit", "4", "--n-boot", "50", "--offtask-sequences", "0", "--quiet"]) == 0
     OUTPUTS.extend(capsys.readouterr())
     report = fs.as_path(f"{run}/report")
     names = {p.name for p in report.iterdir()}
     assert {"report.json", "report.md", "report.png", "predictions", "bridged-mlp", "bridged-ridge",
-            "retrained-target-lora", "weightspace-lora"} <= names
+            "retrained-target-lora", "weightspace-lora", "bridged-proxy", "answer_ll"} <= names
     assert "target + CAST (mlp)" in (report / "report.md").read_text()
     from pipeline.assemble.transfer import load_bridged
 

@@ -41,7 +41,7 @@ def test_identity_bridge_equals_target_plus_lora(tmp_path, kind):
 def test_zero_lora_leaves_the_target_unchanged(tmp_path):
     heads = identity_heads(tmp_path / "heads", "tiny-llama", "mlp", sites_for(["q_proj", "v_proj"]))
     adapter = random_adapter(tmp_path / "lora", "tiny-llama", ["q_proj", "v_proj"], zero=True)
-    run_transfer(TransferConfig(adapter=str(adapter), heads=str(heads), out=str(tmp_path / "b")))
+    run_transfer(TransferConfig(adapter=str(adapter), heads=str(heads), out=str(tmp_path / "b"), kind="mlp"))
     torch.testing.assert_close(logits(load_bridged(tmp_path / "b").model), logits(load_model("tiny-llama").model),
                                rtol=0, atol=0)
 

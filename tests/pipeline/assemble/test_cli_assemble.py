@@ -37,12 +37,13 @@ def run(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_transfer_then_generate_is_the_model_plus_its_lora(made, tmp_path, capsys):
+@pytest.mark.parametrize("kind", ["ridge", "proxy"])
+def test_transfer_then_generate_is_the_model_plus_its_lora(made, tmp_path, capsys, kind):
     code, out, _ = run(capsys, "transfer", "--adapter", made["lora"], "--heads", made["heads"],
-                       "--out", tmp_path / "b", "--kind", "ridge")
+                       "--out", tmp_path / "b", "--kind", kind)
     assert code == 0
     assert json.loads(out) == {"out": str(tmp_path / "b"), "target": "tiny-llama", "source": "tiny-llama",
-                               "head_kind": "ridge", "adapters": [made["lora"]]}
+                               "head_kind": kind, "adapters": [made["lora"]]}
     code, out, _ = run(capsys, "generate", tmp_path / "b", *(a for p in PROMPTS for a in ("--prompt", p)),
                        "--max-new-tokens", 4)
     assert code == 0
@@ -58,6 +59,16 @@ def test_transfer_then_generate_is_the_model_plus_its_lora(made, tmp_path, capsy
 
 
 def test_transfer_refusals_are_messages(made, tmp_path, capsys):
+    code, _, err = run(capsys, "transfer", "--adapter", f"{made['lora']},{made['lora']}", "--heads", made["heads"],
+                       "--out", tmp_path / "x", "--kind", "proxy")
+    assert code == 2 and "--kind proxy carries one adapter" in err
+    assert run(capsys, "transfer", "--adapter", made["lora"], "--heads", made["heads"], "--out", tmp_path / "p",
+               "--kind", "proxy")[0] == 0
+    code, _, err = run(capsys, "export", tmp_path / "p", "--out", tmp_path / "x")
+    assert code == 2 and "is a logit proxy" in err
+    code, _, err = run(capsys, "validate", "--adapter", made["lora"], "--heads", made["heads"], "--out",
+                       tmp_path / "v", "--systems", "ridge,bogus")
+    assert code == 2 and "--systems ridge,bogus" in err and not (tmp_path / "v" / "report.json").exists()
     code, _, err = run(capsys, "transfer", "--adapter", tmp_path, "--heads", made["heads"], "--out", tmp_path / "x")
     assert code == 2 and "expected a PEFT adapter directory" in err
     code, _, err = run(capsys, "transfer", "--adapter", made["lora"], "--heads", tmp_path, "--out", tmp_path / "x")
@@ -65,10 +76,10 @@ def test_transfer_refusals_are_messages(made, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_validate_on_a_self_bridge_reproduces_the_lora(made, tmp_path, capsys):
+def test_validate_on_a_self_bridge_reproduces_the_lora(made, tmp_path, capsys, corpus_dir):
     out = tmp_path / "report"
     code, stdout, _ = run(capsys, "validate", "--adapter", made["lora"], "--heads", made["heads"], "--out", out,
-                          "--limit", 8, "--quiet")
+                          "--limit", 8, "--quiet", "--corpus", corpus_dir, "--offtask-sequences", 2)
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert report["n"] == 8 and "| target + CAST (mlp) |" in stdout
@@ -77,9 +88,38 @@ def test_validate_on_a_self_bridge_reproduces_the_lora(made, tmp_path, capsys):
     lora = preds.pop("source_plus_LoRA")
     assert lora != preds["source_base"]  # the LoRA changes what the model says
     for system in ("target_plus_CAST_mlp", "target_plus_CAST_ridge", "target_plus_CAST_exported",
-                   "target_plus_retrained_LoRA", "target_plus_weight-space"):
+                   "target_plus_retrained_LoRA", "target_plus_weight-space", "target_plus_logit_proxy"):
         assert preds[system] == lora, system
     assert (out / "bridged-mlp" / "manifest.json").exists() and (out / "report.png").stat().st_size > 0
+    # The continuous measures agree: every transferred system scores the answers as the
+    # source + LoRA does, and moves off-task text away from its base as much.
+    systems = report["systems"]
+    want = systems["source + LoRA"]
+    assert want["answer_ll"] > systems["source base"]["answer_ll"] + 1.0
+    assert want["offtask"]["kl_to_base"] > 1e-4 and systems["target base"]["offtask"] is None
+    for name in ("target + CAST (mlp)", "target + CAST (ridge)", "target + weight-space", "target + logit proxy"):
+        assert systems[name]["answer_ll"] == pytest.approx(want["answer_ll"], abs=1e-3), name
+        if name != "target + logit proxy":  # which scores every 8th position only (it runs the source per position)
+            assert systems[name]["offtask"]["kl_to_base"] == pytest.approx(want["offtask"]["kl_to_base"], rel=1e-2)
+        assert systems[name]["offtask"]["kl_to_base"] > 1e-4
+        assert report["transfer"][name]["ll_recovery"]["value"] == pytest.approx(1.0, abs=1e-3)
+    assert "| LL recovery [95% CI] |" in stdout
+
+
+def test_validate_without_decoding_keeps_the_continuous_measures(made, tmp_path, capsys, corpus_dir):
+    out = tmp_path / "report"
+    code, stdout, _ = run(capsys, "validate", "--adapter", made["lora"], "--heads", made["heads"], "--out", out,
+                          "--limit", 6, "--quiet", "--no-decode", "--corpus", corpus_dir, "--offtask-sequences", 2,
+                          "--retrained", made["lora"], "--systems", "ridge,proxy")
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["systems"]) == {"target base", "target + retrained LoRA", "target + CAST (ridge)",
+                                      "target + logit proxy"}
+    assert not (out / "predictions").exists() and not (out / "report.png").exists()
+    assert all("exact_match" not in s for s in report["systems"].values())
+    ridge = report["transfer"]["target + CAST (ridge)"]
+    assert set(ridge) == {"ll_recovery"} and ridge["ll_recovery"]["value"] == pytest.approx(1.0, abs=1e-3)
+    assert len(json.loads((out / "answer_ll" / "target_plus_CAST_ridge.json").read_text())) == 6
 
 
 def test_validate_refuses_before_decoding(made, tmp_path, capsys):
