@@ -9,9 +9,11 @@ from jobs.args import Command, to_dataclass
 
 
 def cmd_transfer(ns) -> int:
-    """Check that the adapter belongs to the head set's source model and that every module
-    it adapts is covered by heads, then write BRIDGED/ (manifest.json, the adapter(s), the
-    needed heads). Load it with pipeline.assemble.transfer.load_bridged(BRIDGED)."""
+    """Check that the adapter belongs to the head set's source model (and, for --kind mlp or
+    ridge, that every module it adapts is covered by heads), then write BRIDGED/
+    (manifest.json, the adapter(s), the needed heads; none for the default --kind proxy).
+    Load it with pipeline.assemble.transfer.load_bridged(BRIDGED); `cast generate` decodes
+    with it whatever its kind."""
     from pipeline.assemble.transfer import TransferConfig, run_transfer
 
     manifest = run_transfer(to_dataclass(TransferConfig, ns))
