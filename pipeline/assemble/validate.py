@@ -141,7 +141,9 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     results = {}
     # Unwrapped copies: the off-task KL is measured against them, and PEFT wraps models in place.
-    ref = {"source": load_model(src_name, device=cfg.device), "target": load_model(tgt_name, device=cfg.device)}
+    # The source side is loaded (and its held-out text tokenized) only when its rows are scored.
+    sides = ("source", "target") if "source" in chosen else ("target",)
+    ref = {side: load_model(hs.index["inputs"][side]["model"], device=cfg.device) for side in sides}
     held = {side: heldout_ids(cfg, lm.tokenizer, [hs.source, hs.target]) for side, lm in ref.items()}
 
     def score(label: str, lm_model, tok, proxy=None) -> None:
@@ -149,8 +151,9 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> dict:
         results[label] = score_system(lm_model, tok, task, ref[side].model, held[side], cfg, progress, proxy)
         print(f"[cast] {label:<28} {results[label].summary()}", file=sys.stderr)
 
-    src, tgt = ref["source"], ref["target"]
+    tgt = ref["target"]
     if "source" in chosen:
+        src = ref["source"]
         score("source base", src.model, src.tokenizer)
         score("source + LoRA", load_adapter(load_model(src_name, device=cfg.device).model, cfg.adapter),
               src.tokenizer)
