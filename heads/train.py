@@ -143,22 +143,44 @@ def fit_mlp(head: ProjectionHead, train: PairLoader, held: PairLoader, opts: dic
     return {"epochs": epoch + 1, "heldout_mse_curve": curve}
 
 
+def _usable(pairs: dict, opts: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    # Position-0 tokens are attention sinks (norms up to ~190x the median in SmolLM2):
+    # a different regime from the text tokens a LoRA acts on, so they are left out.
+    keep = (pairs["src_pos"] >= opts["min_position"]) & (pairs["tgt_pos"] >= opts["min_position"])
+    return pairs["src_row"][keep], pairs["tgt_row"][keep], pairs["segment_id"][keep]
+
+
+def _split(pairs: dict, opts: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    src_rows, tgt_rows, segs = _usable(pairs, opts)
+    if opts["max_pairs"] and len(src_rows) > opts["max_pairs"]:
+        keep = np.sort(np.random.default_rng(opts["seed"]).choice(len(src_rows), opts["max_pairs"], replace=False))
+        src_rows, tgt_rows, segs = src_rows[keep], tgt_rows[keep], segs[keep]
+    return src_rows, tgt_rows, segs, heldout_mask(segs, opts["holdout"], opts["seed"])
+
+
+def split_pairs(pairs: dict, opts: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(source rows, target rows, held-out mask) of the aligned pairs a head with these
+    options sees: the training rows are those not held out."""
+    src_rows, tgt_rows, _, held = _split(pairs, opts)
+    return src_rows, tgt_rows, held
+
+
+def unseen_pairs(pairs: dict, opts: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(source rows, target rows) of every usable pair from a segment no training row came
+    from: the held-out rows, plus, under --max-pairs, the segments the sample left out."""
+    _, _, segs, held = _split(pairs, opts)
+    src_rows, tgt_rows, all_segs = _usable(pairs, opts)
+    free = ~np.isin(all_segs, np.unique(segs[~held]))
+    return src_rows[free], tgt_rows[free]
+
+
 def fit_head(spec: HeadSpec, paths: dict, opts: dict) -> tuple[ProjectionHead, dict]:
     """Read the aligned rows for `spec` from the stores and fit it; returns head + metrics."""
     t0 = time.perf_counter()
     torch.manual_seed(opts["seed"])
     src = storage.open_store(paths["src_store"])
     tgt = storage.open_store(paths["tgt_store"])
-    al = load_alignment(paths["align"])
-    pairs = al.pairs()
-    # Position-0 tokens are attention sinks (norms up to ~190x the median in SmolLM2):
-    # a different regime from the text tokens a LoRA acts on, so they are left out.
-    keep = (pairs["src_pos"] >= opts["min_position"]) & (pairs["tgt_pos"] >= opts["min_position"])
-    src_rows, tgt_rows, segs = pairs["src_row"][keep], pairs["tgt_row"][keep], pairs["segment_id"][keep]
-    if opts["max_pairs"] and len(src_rows) > opts["max_pairs"]:
-        keep = np.sort(np.random.default_rng(opts["seed"]).choice(len(src_rows), opts["max_pairs"], replace=False))
-        src_rows, tgt_rows, segs = src_rows[keep], tgt_rows[keep], segs[keep]
-    held = heldout_mask(segs, opts["holdout"], opts["seed"])
+    src_rows, tgt_rows, held = split_pairs(load_alignment(paths["align"]).pairs(), opts)
     if spec.direction == "encoder":
         (xs, xl, xr), (ys, yl, yr) = (tgt, spec.target_layer, tgt_rows), (src, spec.source_layer, src_rows)
     else:

@@ -75,6 +75,19 @@ def cmd_validate(ns) -> int:
     return 0
 
 
+def cmd_readout(ns) -> int:
+    """Per bridged layer and LoRA module, the held-out R² of what the source LoRA reads
+    (A·x, its r numbers) when the target's activation is encoded into the source space,
+    beside the whole activation's R² and the norm ratio of the read. Uses the head set's
+    own stores, alignment and held-out split. Writes OUT/readout.json, readout.md and
+    readout.png; says at which layers a bridge can be trusted, before any validation."""
+    from pipeline.assemble.readout import ReadoutConfig, format_readout, run_readout
+
+    print(format_readout(run_readout(to_dataclass(ReadoutConfig, ns))))
+    print(f"readout: {ns.out}/readout.json, readout.md, readout.png", file=sys.stderr)
+    return 0
+
+
 def _generate_args(p) -> None:
     p.add_argument("bridged", help="artifact directory from `cast transfer`")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
@@ -88,5 +101,7 @@ GENERATE = Command("greedy completion from a bridged target model", cmd_generate
 EXPORT = Command("write a bridged artifact as a plain PEFT LoRA for the target (ridge: folded, mlp: distilled)",
                  cmd_export, config="pipeline.assemble.export:ExportConfig", positional=("bridged",),
                  quiet="no progress bar")
+READOUT = Command("held-out R² of what the LoRA reads (A·x) through the encoder heads, per layer", cmd_readout,
+                  config="pipeline.assemble.readout:ReadoutConfig")
 VALIDATE = Command("score base / retrained / CAST / ridge CAST / weight-space on a task", cmd_validate,
                    config="pipeline.assemble.validate:ValidateConfig", quiet="no progress bars")

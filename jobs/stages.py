@@ -38,6 +38,7 @@ STAGES: dict[str, Command] = {
     "train-heads": cli_heads.TRAIN_HEADS,
     "lora": cli_lora.LORA,
     "evaluate": cli_lora.EVALUATE,
+    "readout": cli_bridge.READOUT,
     "transfer": cli_bridge.TRANSFER,
     "generate": cli_bridge.GENERATE,
     "export": cli_bridge.EXPORT,

@@ -153,3 +153,24 @@ def test_an_index_under_the_old_kind_name_still_loads(linear_set, tmp_path):
     (tmp_path / "h" / "index.json").write_text(json.dumps({**index, "kind": "cast.alignment"}))
     with pytest.raises(storage.StoreError, match="not a CAST head index"):
         load_heads(tmp_path / "h")
+
+
+def test_unseen_pairs_share_no_segment_with_training_rows():
+    from heads.train import split_pairs, unseen_pairs
+
+    rng = np.random.default_rng(0)
+    n = 4000
+    pairs = {"src_row": np.arange(n), "tgt_row": np.arange(n) + 7, "segment_id": np.repeat(np.arange(200), 20),
+             "src_pos": np.tile(np.arange(20), 200), "tgt_pos": rng.integers(0, 20, n)}
+    opts = {"min_position": 1, "max_pairs": 0, "holdout": 0.1, "seed": 0}
+    src, tgt, held = split_pairs(pairs, opts)
+    u_src, u_tgt = unseen_pairs(pairs, opts)
+    np.testing.assert_array_equal(u_src, src[held])  # without sampling: exactly the held-out rows
+    np.testing.assert_array_equal(u_tgt, u_src + 7)
+    opts["max_pairs"] = 300
+    src, _, held = split_pairs(pairs, opts)
+    u_src, _ = unseen_pairs(pairs, opts)
+    train_segs = set(pairs["segment_id"][src[~held]])
+    assert len(u_src) > len(src) and not train_segs & set(pairs["segment_id"][u_src])
+    assert set(src[held]) <= set(u_src)
+    assert (pairs["src_pos"][u_src] >= 1).all() and (pairs["tgt_pos"][u_src] >= 1).all()
