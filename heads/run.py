@@ -58,6 +58,10 @@ class TrainHeadsConfig:
     """Fraction of segments held out for early stopping and the reported R^2."""
     max_pairs: int = 0
     """Use at most this many aligned pairs (0: all)."""
+    noise: float = 0.0
+    """Control experiments only: after fitting, add Gaussian noise to each head's linear map, of this size
+    relative to the map's RMS entry (an identity map on uncorrelated inputs keeps held-out R² of about
+    1 - noise²), to learn what R² a transfer needs (docs/results.md#head-quality-curve). 0: none."""
     min_position: int = 1
     """Skip pairs where either token sits before this position (position 0 is an attention sink)."""
     memory_budget_mb: int = 1024
@@ -85,6 +89,8 @@ class TrainHeadsConfig:
             raise ValueError(f"--directions: unknown {bad}; use encoder,decoder")
         if not 0 < self.holdout < 1:
             raise ValueError(f"--holdout must be in (0, 1), got {self.holdout}")
+        if self.noise < 0:
+            raise ValueError(f"--noise must be >= 0, got {self.noise}")
         if self.cpus_per_head < 1:
             raise ValueError(f"--cpus-per-head must be at least 1, got {self.cpus_per_head}")
 
@@ -171,6 +177,8 @@ def run_train_heads(cfg: TrainHeadsConfig, progress: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     specs, inputs = plan_heads(cfg)
     opts = {k: getattr(cfg, k) for k in OPTION_KEYS}
+    if cfg.noise:  # only then: the hashes of every head fitted without it stay as they were
+        opts["noise"] = cfg.noise
     run_opts = {**opts, "memory_budget_mb": cfg.memory_budget_mb, "block_rows": cfg.block_rows}
     paths = {"src_store": cfg.src_store, "tgt_store": cfg.tgt_store, "align": cfg.align}
     results, todo = {}, []

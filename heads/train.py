@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -174,6 +175,14 @@ def unseen_pairs(pairs: dict, opts: dict) -> tuple[np.ndarray, np.ndarray]:
     return src_rows[free], tgt_rows[free]
 
 
+def perturb(head: ProjectionHead, noise: float, seed: int) -> None:
+    """Add noise · RMS(W) · N(0, 1) to every entry of the linear map W (standardised units):
+    a head made worse in a known way, for the head-quality control."""
+    w = head.linear.weight.data
+    g = torch.Generator().manual_seed(seed)
+    w.add_(noise * w.pow(2).mean().sqrt() * torch.randn(w.shape, generator=g))
+
+
 def fit_head(spec: HeadSpec, paths: dict, opts: dict) -> tuple[ProjectionHead, dict]:
     """Read the aligned rows for `spec` from the stores and fit it; returns head + metrics."""
     t0 = time.perf_counter()
@@ -197,6 +206,8 @@ def fit_head(spec: HeadSpec, paths: dict, opts: dict) -> tuple[ProjectionHead, d
     head = ProjectionHead(HeadConfig(kind=spec.kind, in_dim=x.shape[1], out_dim=y.shape[1], hidden=opts["hidden"]))
     head.set_standardisation(x_mean, x_std, y_mean, y_std)
     fit = fit_ridge(head, train, heldl) if spec.kind == "ridge" else fit_mlp(head, train, heldl, opts)
+    if opts.get("noise"):
+        perturb(head, opts["noise"], zlib.crc32(spec.name.encode()) + opts["seed"])
     metrics = {"heldout": evaluate(head, heldl), "train": evaluate(head, train), **fit,
                "n_train": len(train), "n_heldout": len(heldl), "streamed": not train.in_memory,
                "seconds": time.perf_counter() - t0}

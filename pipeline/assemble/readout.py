@@ -27,6 +27,7 @@ from heads.data import gather
 from heads.headset import load_heads
 from heads.train import unseen_pairs
 from pipeline.assemble.bridge import BridgeError, assign_layers, read_lora
+from pipeline.assemble.transfer import check_base
 from pipeline.cache.hooks import IN_SITE
 from storage.artifacts import load_alignment
 from storage.fs import as_path, writing
@@ -42,8 +43,8 @@ class ReadoutConfig:
     """Head set from `cast train-heads`; its index names the stores and alignment it was fitted on."""
     out: str
     """Directory for readout.json, readout.md and readout.png."""
-    kinds: str = "mlp,ridge"
-    """Encoder kinds scored (those present in the head set)."""
+    kinds: str = ""
+    """Encoder kinds scored, comma-separated (mlp, ridge); default: every kind the head set has."""
     carry: str = "all"
     """Which target layer reads each source LoRA layer, as in `cast transfer --carry`."""
     max_rows: int = 20_000
@@ -72,13 +73,17 @@ def score_read(a: np.ndarray, x_hat: np.ndarray, x_s: np.ndarray) -> dict:
 def run_readout(cfg: ReadoutConfig) -> dict:
     hs = load_heads(cfg.heads)
     lora = read_lora(cfg.adapter)
+    check_base(cfg.adapter, hs)
     paths, opts = hs.index["paths"], hs.index["options"]
     src, tgt = storage.open_store(paths["src_store"]), storage.open_store(paths["tgt_store"])
     src_rows, tgt_rows = unseen_pairs(load_alignment(paths["align"]).pairs(), opts)
     if len(src_rows) > cfg.max_rows:
         pick = np.sort(np.random.default_rng(0).choice(len(src_rows), cfg.max_rows, replace=False))
         src_rows, tgt_rows = src_rows[pick], tgt_rows[pick]
-    kinds = [k.strip() for k in cfg.kinds.split(",") if k.strip()]
+    present = sorted({h["spec"]["kind"] for h in hs.entries("encoder")})
+    kinds = [k.strip() for k in cfg.kinds.split(",") if k.strip()] or present
+    if set(kinds) - set(present):
+        raise BridgeError(f"--kinds {cfg.kinds}: the head set {cfg.heads} has encoder heads of kind(s) {present} only")
     rows = []
     for t, source_layers in sorted(assign_layers(lora.source_layers, hs.mapping, cfg.carry).items()):
         for s in source_layers:
@@ -89,6 +94,9 @@ def run_readout(cfg: ReadoutConfig) -> dict:
                 x_t = gather(tgt.array(t, site), tgt_rows).astype(np.float32)
                 x_s = gather(src.array(s, site), src_rows).astype(np.float32)
                 a = lora.layers[(s, module)][0].numpy()
+                if a.shape[1] != x_s.shape[1]:
+                    raise BridgeError(f"--adapter {cfg.adapter}: layer {s} {module} reads {a.shape[1]} dims, but the "
+                                      f"head set's source store has {x_s.shape[1]} there; the adapter is for another model")
                 for kind in kinds:
                     with torch.no_grad():
                         x_hat = hs.head("encoder", t, site, kind)(torch.from_numpy(x_t)).numpy()

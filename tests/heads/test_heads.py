@@ -174,3 +174,17 @@ def test_unseen_pairs_share_no_segment_with_training_rows():
     assert len(u_src) > len(src) and not train_segs & set(pairs["segment_id"][u_src])
     assert set(src[held]) <= set(u_src)
     assert (pairs["src_pos"][u_src] >= 1).all() and (pairs["tgt_pos"][u_src] >= 1).all()
+
+
+def test_noise_makes_heads_worse_by_a_known_amount_and_leaves_other_hashes_alone(linear_set, tmp_path):
+    common = dict(**linear_set, kinds="ridge", directions="decoder", workers=0)
+    clean = run_train_heads(TrainHeadsConfig(**common, out=str(tmp_path / "a")), progress=False)
+    noisy = run_train_heads(TrainHeadsConfig(**common, out=str(tmp_path / "b"), noise=0.5), progress=False)
+    again = run_train_heads(TrainHeadsConfig(**common, out=str(tmp_path / "a"), noise=0.0), progress=False)
+    assert [h["hash"] for h in again["heads"]] == [h["hash"] for h in clean["heads"]]
+    assert all(h.get("skipped") for h in again["heads"])  # --noise 0 is the default, not a new option
+    assert [h["hash"] for h in noisy["heads"]] != [h["hash"] for h in clean["heads"]]
+    r_clean, r_noisy = r2s(clean, "decoder", "ridge")[0], r2s(noisy, "decoder", "ridge")[0]
+    assert r_clean > 0.99 and 0.3 < r_noisy < 0.95, (r_clean, r_noisy)
+    with pytest.raises(ValueError, match="--noise"):
+        TrainHeadsConfig(**common, out="x", noise=-1)

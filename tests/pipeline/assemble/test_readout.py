@@ -36,7 +36,8 @@ def adapter(root, a: np.ndarray):
 def heads(tmp_path_factory):
     root = tmp_path_factory.mktemp("readout")
     paths = build(root, first_twelve)
-    run_train_heads(TrainHeadsConfig(**paths, out=str(root / "h"), workers=0, directions="encoder"), progress=False)
+    run_train_heads(TrainHeadsConfig(**paths, out=str(root / "h"), workers=0, directions="encoder", kinds="ridge"),
+                    progress=False)
     return root / "h"
 
 
@@ -63,9 +64,15 @@ def test_cli_writes_table_json_and_plot(heads, tmp_path, capsys):
     assert main(["readout", "--adapter", str(adapter(tmp_path / "a", a)), "--heads", str(heads),
                  "--out", str(tmp_path / "r"), "--max-rows", "50"]) == 0
     out = capsys.readouterr().out
-    assert "R²(A·x)" in out and "| 0 | 0 (0) | q_proj | mlp |" in out and "| ridge |" in out
+    assert "R²(A·x)" in out and "| 0 | 0 (0) | q_proj | ridge |" in out and "| mlp |" not in out  # kinds present
     assert json.loads((tmp_path / "r" / "readout.json").read_text())["n_rows"] == 50
     assert (tmp_path / "r" / "readout.png").stat().st_size > 0
     assert main(["readout", "--adapter", str(tmp_path / "a"), "--heads", str(heads), "--out", "x",
                  "--max-rows", "3"]) == 2
     assert "--max-rows" in capsys.readouterr().err
+    assert main(["readout", "--adapter", str(tmp_path / "a"), "--heads", str(heads), "--out", "x",
+                 "--kinds", "mlp"]) == 2
+    assert "--kinds mlp" in capsys.readouterr().err
+    assert main(["readout", "--adapter", str(adapter(tmp_path / "other", np.eye(10)[:2])), "--heads", str(heads),
+                 "--out", "x"]) == 2
+    assert "reads 10 dims" in capsys.readouterr().err
