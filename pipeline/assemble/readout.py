@@ -87,19 +87,24 @@ def run_readout(cfg: ReadoutConfig) -> dict:
     rows = []
     for t, source_layers in sorted(assign_layers(lora.source_layers, hs.mapping, cfg.carry).items()):
         for s in source_layers:
+            acts: dict = {}  # q, k and v read the same site: each (layer, site) is read and encoded once
             for module in sorted(m for (l, m) in lora.layers if l == s):
                 site = IN_SITE[module]
                 if site not in src.sites or site not in tgt.sites:
                     raise BridgeError(f"--heads {cfg.heads}: its stores lack site {site!r} that {module} reads")
-                x_t = gather(tgt.array(t, site), tgt_rows).astype(np.float32)
-                x_s = gather(src.array(s, site), src_rows).astype(np.float32)
+                if site not in acts:
+                    acts[site] = (gather(tgt.array(t, site), tgt_rows).astype(np.float32),
+                                  gather(src.array(s, site), src_rows).astype(np.float32))
+                x_t, x_s = acts[site]
                 a = lora.layers[(s, module)][0].numpy()
                 if a.shape[1] != x_s.shape[1]:
                     raise BridgeError(f"--adapter {cfg.adapter}: layer {s} {module} reads {a.shape[1]} dims, but the "
                                       f"head set's source store has {x_s.shape[1]} there; the adapter is for another model")
                 for kind in kinds:
-                    with torch.no_grad():
-                        x_hat = hs.head("encoder", t, site, kind)(torch.from_numpy(x_t)).numpy()
+                    if (site, kind) not in acts:
+                        with torch.no_grad():
+                            acts[(site, kind)] = hs.head("encoder", t, site, kind)(torch.from_numpy(x_t)).numpy()
+                    x_hat = acts[(site, kind)]
                     rows.append({"target_layer": t, "source_layer": s, "mapped_source_layer": hs.mapping[t],
                                  "module": module, "site": site, "kind": kind, "rank": int(a.shape[0]),
                                  **score_read(a, x_hat, x_s)})
