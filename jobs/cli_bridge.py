@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from jobs.args import Command, to_dataclass
 
@@ -25,21 +26,20 @@ def cmd_transfer(ns) -> int:
 
 def cmd_generate(ns) -> int:
     """Load the target model with a bridged artifact applied and print greedy completions
-    of each --prompt."""
-    import torch
-
+    of every --prompt, --batch-size at a time."""
     from pipeline.assemble.transfer import load_bridged
+    from pipeline.lora.evaluate import generate_greedy
 
-    from transformers import LogitsProcessorList
-
+    prompts = list(ns.prompt)
+    if ns.prompts_file:
+        prompts += [line.rstrip("\n") for line in Path(ns.prompts_file).read_text().splitlines() if line.strip()]
+    if not prompts or any(not p for p in prompts):
+        raise ValueError("--prompt: every prompt needs at least one character")
     lm = load_bridged(ns.bridged, device=ns.device)
-    proxy = LogitsProcessorList([lm.logits_processor] if lm.logits_processor else [])
-    for prompt in ns.prompt:
-        ids = lm.tokenizer(prompt, return_tensors="pt").to(lm.device)
-        with torch.no_grad():
-            out = lm.model.generate(**ids, max_new_tokens=ns.max_new_tokens, do_sample=False,
-                                    pad_token_id=lm.tokenizer.pad_token_id, logits_processor=proxy)
-        print(prompt + lm.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    outs = generate_greedy(lm.model, lm.tokenizer, prompts, ns.max_new_tokens, ns.batch_size,
+                           logits_processor=lm.logits_processor)
+    for prompt, out in zip(prompts, outs):
+        print(prompt + out)
     return 0
 
 
@@ -88,9 +88,34 @@ def cmd_readout(ns) -> int:
     return 0
 
 
+def cmd_distill(ns) -> int:
+    """Distil the logit proxy (the target decoding with the source LoRA's change of
+    log-probabilities) into a plain PEFT LoRA for the target, with no labelled task data.
+
+    The teacher writes continuations (temperature 1) from where the LoRA acts: by default
+    prefixes of generic corpus text where the source LoRA changes the source's next-token
+    distribution most (--data salient), or k unlabelled task prompts (--data prompts
+    --prompts FILE; prompts only, and never the task's test prompts). The student, the
+    target with a fresh LoRA, learns the teacher's distribution at every continuation
+    position (KL on its top-k tokens + the rest). OUT is a plain PEFT adapter
+    (PeftModel.from_pretrained, merge_and_unload, any serving stack) with cast_distill.json:
+    the source adapter's hash, the teacher, the data regime, steps, tokens, and the
+    student's KL and top-1 agreement with the teacher on held-out teacher samples.
+    Resumable: rerun the same command. `cast validate` scores it as "target + distilled LoRA"."""
+    from pipeline.assemble.student import StudentConfig, run_distill
+
+    info = run_distill(to_dataclass(StudentConfig, ns), progress=not ns.quiet)
+    print(json.dumps({"out": ns.out, "target": info["target"]["name"], "data": info["data"]["regime"],
+                      "train_samples": info["data"]["train_samples"], "fidelity": info["fidelity"],
+                      "seconds": info["seconds"]}, indent=2))
+    return 0
+
+
 def _generate_args(p) -> None:
     p.add_argument("bridged", help="artifact directory from `cast transfer`")
-    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
+    p.add_argument("--prompts-file", default=None, help="a text file of prompts, one per line (with or instead of --prompt)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together (default: 16)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: 32)")
     p.add_argument("--device", default=None, help="torch device (default: CUDA when present, else CPU)")
 
@@ -98,6 +123,8 @@ def _generate_args(p) -> None:
 TRANSFER = Command("package a source LoRA + the heads it needs into a bridged artifact", cmd_transfer,
                    config="pipeline.assemble.transfer:TransferConfig")
 GENERATE = Command("greedy completion from a bridged target model", cmd_generate, add_args=_generate_args)
+DISTILL = Command("distil the logit proxy into a plain PEFT LoRA for the target (no labelled task data)",
+                  cmd_distill, config="pipeline.assemble.student:StudentConfig", quiet="no progress bars")
 EXPORT = Command("write a bridged artifact as a plain PEFT LoRA for the target (ridge: folded, mlp: distilled)",
                  cmd_export, config="pipeline.assemble.export:ExportConfig", positional=("bridged",),
                  quiet="no progress bar")

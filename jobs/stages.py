@@ -42,6 +42,7 @@ STAGES: dict[str, Command] = {
     "transfer": cli_bridge.TRANSFER,
     "generate": cli_bridge.GENERATE,
     "export": cli_bridge.EXPORT,
+    "distill": cli_bridge.DISTILL,
     "validate": cli_bridge.VALIDATE,
     "run": cli_run.RUN,
 }

@@ -40,6 +40,20 @@ def test_cast_run_on_tiny_models_then_resume(tmp_path, corpus_dir, capsys):
             change = (bridged.model(input_ids=ids).logits - plain).abs()
             assert torch.isfinite(change).all() and change.max() > 1e-2, (kind, change.max())
 
+    # The proxy across two tokenizers: many tokens pair up, the LoRA's change reaches the
+    # target's logits, and the documented plain generate() call applies exactly that change.
+    proxied = load_bridged(run / "validate" / "add2" / "bridged-proxy")
+    assert len(proxied.proxy.ids_t) > 100
+    prompt = "12+34="
+    enc = proxied.tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        gen = proxied.model.generate(**enc, logits_processor=proxied.logits_processor, max_new_tokens=1,
+                                     do_sample=False, output_scores=True, return_dict_in_generate=True)
+        plain = proxied.model(**enc).logits[0, -1]
+    shift = proxied.proxy.shift([prompt], plain.shape[-1])[0]
+    assert shift.abs().max() > 1e-3
+    assert torch.allclose(gen.scores[0][0], plain + shift, atol=1e-4)
+
     capsys.readouterr()
     assert main(argv) == 0  # resumes: nothing is recomputed
     err = capsys.readouterr().err

@@ -194,12 +194,15 @@ def _resume(ckpt: Path, key: str, params: dict, opt) -> tuple[int, list[float]]:
     return step, state["losses"]
 
 
-def distill(student: torch.nn.Module, teacher: Teacher, ids: torch.Tensor, cfg: DistillConfig, ckpt: Path,
-            key: str = "", loss_fn=kl_loss, progress: bool = True, on_step=None) -> dict:
+def distill(student: torch.nn.Module, teacher: Teacher | None, ids: torch.Tensor | None, cfg: DistillConfig,
+            ckpt: Path, key: str = "", loss_fn=kl_loss, progress: bool = True, on_step=None, draw=None) -> dict:
     """Train the student's trainable parameters to match the teacher on `ids`
     (sequences, seq_len). `key` names what is distilled (teacher, student's start, text):
     a checkpoint in `ckpt` made for another key or other settings is discarded, never
-    resumed. on_step(step, loss) is called after every step."""
+    resumed. on_step(step, loss) is called after every step. draw(step) -> (ids, select,
+    target), when given, replaces drawing from `ids` and calling `teacher`: for teachers
+    precomputed on their own text (pipeline/assemble/student.py); it too must depend on the
+    step alone, so a resumed run ends where an uninterrupted one would."""
     from tqdm.auto import tqdm
 
     if cfg.threads:
@@ -215,9 +218,13 @@ def distill(student: torch.nn.Module, teacher: Teacher, ids: torch.Tensor, cfg: 
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="distil", disable=not progress,
                file=sys.stderr)
     for step in bar:
-        batch, select = (t.to(device) for t in _draw(ids, step, cfg))
-        with torch.no_grad():
-            target = teacher(batch, select)
+        if draw is None:
+            batch, select = (t.to(device) for t in _draw(ids, step, cfg))
+            with torch.no_grad():
+                target = teacher(batch, select)
+        else:
+            batch, select, target = draw(step)
+            batch, select = batch.to(device), select.to(device)
         loss = loss_fn(causal_lm_logits(student, select, input_ids=batch), target)
         if not math.isfinite(loss.item()):
             raise ValueError(f"distillation loss became {loss.item()} at step {step + 1}; lower --lr")

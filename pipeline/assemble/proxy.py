@@ -3,82 +3,174 @@ log-probabilities added to its own logits, on the tokens both vocabularies spell
 (docs/design.md#the-logit-proxy).
 
     z_t(text) + [ log p_src+LoRA(. | text) - log p_src(. | text) ]   on shared tokens
+    z_t(text) + log( p_src+LoRA(rest | text) / p_src(rest | text) )   on every other target token
+
+`rest` is the source's mass outside the shared tokens: the LoRA's change is known token by
+token on the shared set and only in total outside it, so the target's own tokens move
+together by that total and the proxy stays one consistent distribution.
 
 Both models read the same text; the source's change is taken at the end of that text, so
 the two tokenizers never need a common boundary inside it. Nothing here is fitted: the map
-between the vocabularies is string equality (plus eos to eos), and the source LoRA is used
+between the vocabularies is byte equality (plus eos to eos), and the source LoRA is used
 as trained. It needs the source model beside the target at inference, so it is not a LoRA
-on the target; `cast validate` reports it as its own row, as a measure of how much of the
-LoRA's behaviour survives at the output when no activation map is involved.
+on the target; `cast distill` turns it into one.
 """
 from __future__ import annotations
 
+import json
+import re
+
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from pipeline.lora.train import causal_lm_logits
 
-_SPACE_MARKS = {"Ġ": " ", "▁": " ", "Ċ": "\n"}  # byte-level BPE and SentencePiece spellings
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
-def token_strings(tokenizer) -> dict[str, int]:
-    """Surface string -> first id, for every non-special token."""
-    out: dict[str, int] = {}
+class ProxyError(ValueError):
+    """Input the proxy cannot read (said in one line)."""
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's scheme): printable
+    Latin-1 bytes stand for themselves, the rest are shifted to 256 + n in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    out, n = {chr(b): b for b in keep}, 0
+    for b in range(256):
+        if b not in keep:
+            out[chr(256 + n)] = b
+            n += 1
+    return out
+
+
+def _decoder_steps(tokenizer) -> list[dict]:
+    """The fast tokenizer's decoder, flattened ([] for a slow tokenizer)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = json.loads(backend.to_str()).get("decoder") if backend is not None else None
+    steps, todo = [], [spec]
+    while todo:
+        d = todo.pop(0)
+        if d:
+            steps.append(d)
+            todo[:0] = d.get("decoders") or []
+    return steps
+
+
+def token_bytes(tokenizer) -> dict[int, bytes]:
+    """id -> the bytes it stands for, for every non-special token whose bytes are whole
+    UTF-8 (a lone lead or continuation byte is text only beside other tokens, so it has no
+    counterpart to pair with). Byte-level BPE maps each symbol back to its byte;
+    SentencePiece-style vocabularies spell a space `▁` and keep `<0xNN>` byte tokens."""
+    steps = _decoder_steps(tokenizer)
+    kinds = {d.get("type") for d in steps}
+    byte_level = "ByteLevel" in kinds
+    alphabet = _byte_level_alphabet() if byte_level else {}
+    replace = [(d["pattern"].get("String", ""), d["content"]) for d in steps
+               if d.get("type") == "Replace" and d.get("pattern", {}).get("String")]
+    replace += [(d.get("replacement", "▁"), " ") for d in steps if d.get("type") == "Metaspace"]
+    if not byte_level and not replace:  # a slow SentencePiece tokenizer: its space mark
+        replace = [("▁", " ")]
     special = set(tokenizer.all_special_ids)
+    special |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
+    out: dict[int, bytes] = {}
     for i, tok in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
-        if tok is None or i in special or (tok.startswith("<") and tok.endswith(">")):
+        if tok is None or i in special:
             continue
-        out.setdefault("".join(_SPACE_MARKS.get(c, c) for c in tok), i)
+        if byte_level:
+            if any(c not in alphabet for c in tok):
+                continue  # an added token spelled in plain characters: not byte-level text
+            raw = bytes(alphabet[c] for c in tok)
+        elif (m := _BYTE_TOKEN.fullmatch(tok)) is not None:
+            raw = bytes([int(m.group(1), 16)])
+        else:
+            for mark, text in replace:
+                tok = tok.replace(mark, text)
+            raw = tok.encode("utf-8")
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if raw:
+            out[i] = raw
     return out
 
 
 def shared_vocab(src_tok, tgt_tok) -> tuple[torch.Tensor, torch.Tensor]:
-    """(source ids, target ids) of the tokens both vocabularies spell alike, and eos."""
-    a, b = token_strings(src_tok), token_strings(tgt_tok)
+    """(source ids, target ids) of the tokens that stand for the same bytes in both
+    vocabularies, and eos with eos. Where one vocabulary has two tokens for the same bytes
+    (a `<0xNN>` byte token beside a plain one), the plain one is paired: it is the one
+    its tokenizer produces for that text."""
+    def by_bytes(tok) -> dict[bytes, int]:
+        first: dict[bytes, int] = {}
+        fallback = {i for i, t in enumerate(tok.convert_ids_to_tokens(list(range(len(tok)))))
+                    if t and _BYTE_TOKEN.fullmatch(t)}
+        for i, raw in sorted(token_bytes(tok).items(), key=lambda kv: (kv[0] in fallback, kv[0])):
+            first.setdefault(raw, i)
+        return first
+
+    a, b = by_bytes(src_tok), by_bytes(tgt_tok)
     common = sorted(set(a) & set(b))
     pairs = [(a[s], b[s]) for s in common] + [(src_tok.eos_token_id, tgt_tok.eos_token_id)]
     return torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
 
 
-class LogitProxy:
+class LogitProxy(LogitsProcessor):
     """The source LoRA's log-probability change, placed on the target's vocabulary.
 
     `source` is a PEFT model (the source with its LoRA); its disable_adapter() gives the
-    base. Use shift(texts) for teacher-forced scoring and the instance itself as a
-    transformers LogitsProcessor for generation with the target."""
+    base. Use shift(texts, vocab) for teacher-forced scoring and the instance (or
+    `LogitsProcessorList([proxy])`) as a transformers logits processor when the target
+    generates. renormalise=False gives the target-only tokens no change (the proxy before
+    the rest-mass rule; kept to measure that rule)."""
 
-    def __init__(self, source, src_tok, tgt_tok, batch_size: int = 32):
+    def __init__(self, source, src_tok, tgt_tok, batch_size: int = 32, renormalise: bool = True):
         self.source, self.src_tok, self.tgt_tok = source, src_tok, tgt_tok
         self.ids_s, self.ids_t = shared_vocab(src_tok, tgt_tok)
-        self.batch_size = batch_size
+        vocab_s = source.get_output_embeddings().weight.shape[0]
+        rest = torch.ones(vocab_s, dtype=torch.bool)
+        rest[self.ids_s] = False
+        self.rest_s = rest.nonzero()[:, 0]
+        self.batch_size, self.renormalise = batch_size, renormalise
         self.pad = src_tok.pad_token_id if src_tok.pad_token_id is not None else src_tok.eos_token_id
 
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        enc = [self.src_tok(t, add_special_tokens=True).input_ids for t in texts]
+        if any(not e for e in enc):
+            raise ProxyError("the logit proxy reads the text before each generated token, and a prompt is "
+                             "empty: give every prompt at least one character")
+        return enc
+
     @torch.no_grad()
-    def delta(self, texts: list[str]) -> torch.Tensor:
-        """(len(texts), shared) source log-probability change at the end of each text."""
+    def delta(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """At the end of each text: (len(texts), shared) change of the source's log-probability
+        of each shared token, and (len(texts),) change of its log-mass outside them."""
+        from pipeline.lora.train import left_pad
+
         device = next(self.source.parameters()).device
-        out = []
-        for s in range(0, len(texts), self.batch_size):
-            enc = [self.src_tok(t, add_special_tokens=True).input_ids for t in texts[s:s + self.batch_size]]
-            width = max(map(len, enc))
-            ids = torch.full((len(enc), width), self.pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, e in enumerate(enc):  # left-padded: every text ends in the last column
-                ids[i, width - len(e):], mask[i, width - len(e):] = torch.tensor(e), 1
-            kw = dict(input_ids=ids.to(device), attention_mask=mask.to(device),
-                      position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device))
+        enc = self._encode(texts)
+        shared, rest = [], []
+        for s in range(0, len(enc), self.batch_size):
+            ids, mask, pos = (t.to(device) for t in left_pad(enc[s:s + self.batch_size], self.pad))
             last = torch.zeros_like(ids, dtype=torch.bool)
-            last[:, -1] = True
-            last = last.to(device)
-            with_lora = causal_lm_logits(self.source, last, **kw).log_softmax(-1)
+            last[:, -1] = True  # left-padded: every text ends in the last column
+            kw = dict(input_ids=ids, attention_mask=mask, position_ids=pos)
+            with_lora = causal_lm_logits(self.source, last, **kw).float().log_softmax(-1)
             with self.source.disable_adapter():
-                base = causal_lm_logits(self.source, last, **kw).log_softmax(-1)
-            out.append((with_lora - base)[:, self.ids_s.to(device)])
-        return torch.cat(out)
+                base = causal_lm_logits(self.source, last, **kw).float().log_softmax(-1)
+            shared.append((with_lora - base)[:, self.ids_s.to(device)])
+            if len(self.rest_s):
+                r = self.rest_s.to(device)
+                rest.append(with_lora[:, r].logsumexp(-1) - base[:, r].logsumexp(-1))
+            else:
+                rest.append(torch.zeros(len(ids), device=device))
+        return torch.cat(shared), torch.cat(rest)
 
     def shift(self, texts: list[str], vocab: int) -> torch.Tensor:
-        """(len(texts), vocab) additive target logits: the change on shared tokens, 0 elsewhere."""
-        d = self.delta(texts)
-        z = torch.zeros(len(texts), vocab, device=d.device)
+        """(len(texts), vocab) additive target logits: the change on shared tokens, the
+        rest-mass change on every other token (0 with renormalise=False)."""
+        d, r = self.delta(texts)
+        z = (r[:, None] if self.renormalise else torch.zeros_like(r)[:, None]).expand(len(texts), vocab).clone()
         z[:, self.ids_t.to(d.device)] = d
         return z
 
@@ -86,3 +178,10 @@ class LogitProxy:
         """transformers LogitsProcessor: the target's text so far, decoded, is what the source reads."""
         texts = self.tgt_tok.batch_decode(input_ids, skip_special_tokens=True)
         return scores + self.shift(texts, scores.shape[-1]).to(scores.device, scores.dtype)
+
+
+def processors(proxy: LogitProxy | LogitsProcessorList | None) -> LogitsProcessorList:
+    """What model.generate(logits_processor=...) takes, from a proxy, a list or nothing."""
+    if proxy is None:
+        return LogitsProcessorList()
+    return proxy if isinstance(proxy, LogitsProcessorList) else LogitsProcessorList([proxy])

@@ -173,8 +173,9 @@ def build_bridges(path: Path, manifest: dict, device="cpu") -> dict:
 def load_bridged(path: str | Path, device: str | None = None, model: str | None = None):
     """The target model with the bridge applied (a LoadedModel), ready for `generate`.
     `model` overrides where the target is loaded from (default: its registry name). A proxy
-    artifact leaves the model as it is and sets `logits_processor` (pipeline/assemble/proxy.py):
-    pass it to generate(), or use pipeline.lora.evaluate.generate_greedy(..., logits_processor=)."""
+    artifact leaves the model as it is and sets `logits_processor`, a LogitsProcessorList holding
+    the proxy (pipeline/assemble/proxy.py): pass it as model.generate(..., logits_processor=) or
+    to pipeline.lora.evaluate.generate_greedy; `proxy` is the LogitProxy itself."""
     from pipeline.cache.models import load_model
 
     path = local_copy(path)  # a bridged artifact on object storage is read from a local copy
@@ -186,12 +187,13 @@ def load_bridged(path: str | Path, device: str | None = None, model: str | None 
                           f"{lm.info.weights_hash[:12]}")
     lm.model.eval()
     if manifest["head_kind"] == "proxy":  # the target is left as it is; decoding goes through the proxy
-        from pipeline.assemble.proxy import LogitProxy
+        from pipeline.assemble.proxy import LogitProxy, processors
         from pipeline.lora.adapters import load_adapter
 
         src = load_model(manifest["source"]["model"], device=device)
-        lm.logits_processor = LogitProxy(load_adapter(src.model, path / manifest["adapters"][0]["dir"]),
-                                         src.tokenizer, lm.tokenizer)
+        lm.proxy = LogitProxy(load_adapter(src.model, path / manifest["adapters"][0]["dir"]),
+                              src.tokenizer, lm.tokenizer, renormalise=manifest.get("renormalise", True))
+        lm.logits_processor = processors(lm.proxy)
         return lm
     attach(lm.model, build_bridges(path, manifest, lm.device))
     return lm

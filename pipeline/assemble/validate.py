@@ -184,7 +184,7 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> dict:
         run_transfer(TransferConfig(adapter=cfg.adapter, heads=cfg.heads, out=str(out / "bridged-proxy"), kind="proxy",
                                     force=True))
         proxied = load_bridged(out / "bridged-proxy", device=cfg.device)
-        score("target + logit proxy", proxied.model, proxied.tokenizer, proxied.logits_processor)
+        score("target + logit proxy", proxied.model, proxied.tokenizer, proxied.proxy)
     return write_report(cfg, task.name, results, out, time.perf_counter() - t0, src_name, tgt_name)
 
 

@@ -89,7 +89,10 @@ class LoadedModel:
     info: ModelInfo
     device: torch.device
     logits_processor: object = None
-    """Set by a proxy artifact (pipeline/assemble/transfer.load_bridged): decode through it."""
+    """Set by a proxy artifact (pipeline/assemble/transfer.load_bridged): a transformers
+    LogitsProcessorList to pass to model.generate(logits_processor=...)."""
+    proxy: object = None
+    """The logit proxy inside it (pipeline/assemble/proxy.LogitProxy), for teacher-forced scoring."""
 
 
 def pick_device(device: str | None = None) -> torch.device:

@@ -150,7 +150,8 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, b
             for r, i in enumerate(idx):  # left padding: every prompt ends in column W-1
                 ids[r, W - len(enc[i]):] = torch.tensor(enc[i])
                 mask[r, W - len(enc[i]):] = 1
-            extra = {"logits_processor": LogitsProcessorList([logits_processor])} if logits_processor else {}
+            extra = ({"logits_processor": logits_processor if isinstance(logits_processor, LogitsProcessorList)
+                      else LogitsProcessorList([logits_processor])} if logits_processor else {})
             gen_ids = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                      generation_config=gen, **extra)
             for r, i in enumerate(idx):

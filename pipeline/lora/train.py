@@ -128,6 +128,17 @@ def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, 
     return {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "target": target, "prompt_width": P}
 
 
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention mask, position ids) with every sequence ending in the last column;
+    positions count real tokens only, as generate() does with left padding."""
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):], mask[i, width - len(s):] = torch.tensor(s, dtype=torch.long), 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def causal_lm_logits(model: torch.nn.Module, select: torch.Tensor | None = None, **inputs) -> torch.Tensor:
     """Float32 next-token logits at the `select`ed (batch, column) positions only, in
     row-major order (all positions when None), as (positions, vocab).

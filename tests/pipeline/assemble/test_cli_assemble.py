@@ -64,6 +64,8 @@ def test_transfer_refusals_are_messages(made, tmp_path, capsys):
     assert code == 2 and "--kind proxy carries one adapter" in err
     assert run(capsys, "transfer", "--adapter", made["lora"], "--heads", made["heads"], "--out", tmp_path / "p",
                "--kind", "proxy")[0] == 0
+    code, _, err = run(capsys, "generate", tmp_path / "p", "--prompt", "")
+    assert code == 2 and "every prompt needs at least one character" in err
     code, _, err = run(capsys, "export", tmp_path / "p", "--out", tmp_path / "x")
     assert code == 2 and "is a logit proxy" in err
     code, _, err = run(capsys, "validate", "--adapter", made["lora"], "--heads", made["heads"], "--out",

@@ -1,0 +1,284 @@
+"""`cast distill`: the logit proxy (teacher) distilled into a plain PEFT LoRA on the target
+(student), with no labelled task data; docs/design.md#distilling-the-proxy says why each choice.
+
+    OUT/adapter_config.json, adapter_model.safetensors   the student: plain PEFT, no CAST code needed
+    OUT/cast_distill.json    provenance (source adapter hash, teacher, data regime, steps,
+                             tokens) and fidelity to the teacher on held-out teacher samples
+
+Data regimes (--data): `salient` (default) prefixes of generic corpus text where the source
+LoRA changes the source's next-token distribution most; `uniform` random prefixes of the
+same text (the control); `prompts` k unlabelled task prompts from --prompts (never
+answers). From every prefix the teacher writes --samples continuations; the student is
+trained on KL to the teacher at those positions. Resumable: samples and checkpoints live
+beside --out until it is committed.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.assemble.distill import DistillConfig, distill
+from pipeline.assemble.teacher import Sample, batch_of, salient_prefixes, sample_teacher, sparse_kl, uniform_prefixes
+from storage.files import atomic_path, atomic_write_text, sha256_bytes, sha256_file
+
+DISTILL_FILE = "cast_distill.json"
+REGIMES = ("salient", "uniform", "prompts")
+
+
+class DistillError(ValueError):
+    """A distillation that cannot run as asked (said in one line)."""
+
+
+@dataclass
+class StudentConfig:
+    """What `cast distill` does; every field is a flag of the same name."""
+
+    adapter: str
+    """The source PEFT adapter (from `cast lora train`) whose behaviour is distilled."""
+    out: str
+    """Directory for the target LoRA (plain PEFT) and cast_distill.json; must be empty or absent unless --force."""
+    target: str = "gemma3-270m"
+    """Target model: registry name or local Hugging Face directory."""
+    data: str = "salient"
+    """Where the teacher's continuations start: salient (zero task data: corpus text where the source LoRA acts
+    most), uniform (random corpus text, the control) or prompts (k unlabelled task prompts from --prompts)."""
+    prompts: str | None = None
+    """With --data prompts: a file of task prompts, one per line or JSONL {"prompt": ...}; answers are never read.
+    Refused when it overlaps the test split of the task the adapter was trained on."""
+    corpus: str = "nlp-corpus"
+    """Generic text for salient/uniform: the built-in corpus or a file, directory or glob."""
+    candidates: int = 600
+    """Corpus segments scored for salience (each runs the source twice)."""
+    prefixes: int = 48
+    """Corpus prefixes kept (salient: the most salient; uniform: random)."""
+    samples: int = 4
+    """Continuations the teacher writes per prefix or prompt (temperature 1)."""
+    max_new_tokens: int = 24
+    """Longest continuation, in target tokens (one ends earlier at eos)."""
+    top_k: int = 64
+    """Teacher tokens kept per position; the rest of its mass is one bucket of the KL."""
+    heldout: float = 0.15
+    """Fraction of prefixes whose samples are held out to measure fidelity (never trained on)."""
+    targets: str = "q_proj,v_proj"
+    """Target modules of the student LoRA (comma-separated, or 'all')."""
+    rank: int = 8
+    """Student LoRA rank (alpha = 2 x rank, as `cast lora train`'s default)."""
+    steps: int = 120
+    """Optimiser steps."""
+    batch_size: int = 8
+    """Samples per step."""
+    lr: float = 2e-3
+    """Peak learning rate (AdamW, warmup then linear decay to a tenth)."""
+    seed: int = 0
+    """Seed of the prefixes drawn, the teacher's sampling and the data order."""
+    threads: int | None = None
+    """CPU threads for torch (default: torch's choice)."""
+    device: str | None = None
+    """torch device; default CUDA when present, else CPU."""
+    force: bool = False
+    """Replace a non-empty --out."""
+
+    def __post_init__(self):
+        if self.data not in REGIMES:
+            raise DistillError(f"--data {self.data}: choose one of {', '.join(REGIMES)}")
+        if (self.data == "prompts") != bool(self.prompts):
+            raise DistillError("--prompts FILE goes with --data prompts (and --data prompts needs --prompts)")
+        for name in ("candidates", "prefixes", "samples", "max_new_tokens", "top_k", "rank", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise DistillError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be 1 or more")
+        if not 0 <= self.heldout < 1:
+            raise DistillError(f"--heldout {self.heldout}: a fraction in [0, 1)")
+
+
+def read_prompts(path: str) -> list[str]:
+    f = Path(path)
+    if not f.is_file():
+        raise DistillError(f"--prompts {path}: no such file")
+    out = []
+    for n, line in enumerate(f.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DistillError(f"--prompts {path}:{n}: not JSON ({e.msg})") from None
+            if "prompt" not in row:
+                raise DistillError(f"--prompts {path}:{n}: a JSON line needs a \"prompt\" field")
+            out.append(row["prompt"])
+        else:
+            out.append(line)
+    if not out:
+        raise DistillError(f"--prompts {path}: no prompts")
+    return list(dict.fromkeys(out))
+
+
+def check_unseen(prompts: list[str], adapter_meta: dict | None, where: str) -> None:
+    """Refuse prompts from the test split of the adapter's own task (when it is a built-in
+    task with a recorded seed): distilling on them would grade the student on its lesson."""
+    from pipeline.lora.tasks import BUILTINS, load_task
+
+    task = (adapter_meta or {}).get("task", {})
+    if task.get("name") not in BUILTINS:
+        return
+    test = load_task(task["name"], split="test", seed=task.get("seed", 0))
+    seen = [p for p in prompts if p in {e.prompt for e in test.test}]
+    if seen:
+        raise DistillError(f"--prompts {where}: {len(seen)} of {len(prompts)} prompts are in the test split of "
+                           f"{task['name']} (e.g. {seen[0]!r}); use prompts from its training split or elsewhere")
+
+
+def corpus_texts(corpus: str, n: int) -> list[str]:
+    from pipeline.cache.corpus import load_corpus, segment
+
+    return [s.text for s in segment(load_corpus(corpus), 512)[:n]]
+
+
+def _work_dir(out: Path) -> Path:
+    return out.parent / f".tmp-{out.name}-distill"
+
+
+def _save_samples(path: Path, samples: list[Sample], meta: dict) -> None:
+    tensors = {}
+    for i, x in enumerate(samples):
+        tensors |= {f"{i}.ids": torch.tensor(x.ids), f"{i}.top_ids": x.top_ids, f"{i}.top_lp": x.top_lp}
+    with atomic_path(path / "samples.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    atomic_write_text(path / "samples.json", json.dumps(meta | {"starts": [x.start for x in samples]}))
+
+
+def _load_samples(path: Path, key: str) -> tuple[list[Sample], dict] | None:
+    if not (path / "samples.json").is_file():
+        return None
+    meta = json.loads((path / "samples.json").read_text())
+    if meta.get("key") != key:
+        return None
+    t = load_file(str(path / "samples.safetensors"))
+    return [Sample(t[f"{i}.ids"].tolist(), s, t[f"{i}.top_ids"], t[f"{i}.top_lp"])
+            for i, s in enumerate(meta["starts"])], meta
+
+
+@torch.no_grad()
+def fidelity(model, samples: list[Sample], pad: int, batch_size: int) -> dict | None:
+    """KL(teacher || model) per position (top-k + rest buckets) and top-1 agreement on samples."""
+    from pipeline.lora.train import causal_lm_logits
+
+    if not samples:
+        return None
+    kl, agree, n = 0.0, 0, 0
+    device = next(model.parameters()).device
+    for s in range(0, len(samples), batch_size):
+        ids, select, (top_ids, top_lp) = batch_of(samples[s:s + batch_size], pad)
+        logits = causal_lm_logits(model, select.to(device), input_ids=ids.to(device)).cpu()
+        kl += sparse_kl(logits, top_ids, top_lp).item() * len(logits)
+        agree += (logits.argmax(-1) == top_ids[:, 0].long()).sum().item()
+        n += len(logits)
+    return {"kl": kl / n, "top1_agreement": agree / n, "positions": n}
+
+
+def run_distill(cfg: StudentConfig, progress: bool = True) -> dict:
+    """What `cast distill` does; returns what cast_distill.json holds."""
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline.assemble.proxy import LogitProxy
+    from pipeline.cache.models import load_model
+    from pipeline.lora.adapters import load_adapter, parse_targets, read_adapter_meta
+
+    out = Path(cfg.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.force:
+        raise DistillError(f"--out {out} exists and is not empty; choose another path or pass --force")
+    meta = read_adapter_meta(cfg.adapter)
+    prompts = read_prompts(cfg.prompts) if cfg.prompts else None
+    if prompts:
+        check_unseen(prompts, meta, cfg.prompts)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    src_name = (meta or {}).get("base", {}).get("name")
+    if not src_name:
+        raise DistillError(f"--adapter {cfg.adapter}: no cast_lora.json naming its base model; "
+                           f"train it with `cast lora train`")
+    src, tgt = load_model(src_name, device=cfg.device), load_model(cfg.target, device=cfg.device)
+    source = load_adapter(src.model, cfg.adapter)
+    proxy = LogitProxy(source, src.tokenizer, tgt.tokenizer)
+    work = _work_dir(out)
+    work.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "threads", "device", "force", "steps",
+                                                                   "batch_size", "lr", "targets", "rank")}
+    key = sha256_bytes(sha256_file(Path(cfg.adapter) / "adapter_model.safetensors"), tgt.info.weights_hash,
+                       json.dumps(settings, sort_keys=True), json.dumps(prompts))
+    loaded = _load_samples(work, key)
+    if loaded:
+        samples, smeta = loaded
+        print(f"[cast] distill: {len(samples)} teacher samples from {work}", file=sys.stderr)
+    else:
+        salience, median = None, None
+        if cfg.data == "prompts":
+            starts = prompts
+        else:
+            texts = corpus_texts(cfg.corpus, cfg.candidates)
+            if cfg.data == "salient":
+                starts, salience, median = salient_prefixes(source, src.tokenizer, texts, cfg.prefixes, progress=progress)
+            else:
+                starts = uniform_prefixes(texts, cfg.prefixes, cfg.seed)
+        g = torch.Generator().manual_seed(cfg.seed)
+        order = torch.randperm(len(starts), generator=g).tolist()
+        n_held = int(round(cfg.heldout * len(starts)))
+        starts = [starts[i] for i in order]
+        samples = sample_teacher(tgt.model, tgt.tokenizer, proxy, starts, cfg.samples, cfg.max_new_tokens,
+                                 cfg.top_k, cfg.seed, cfg.batch_size, progress)
+        smeta = {"key": key, "starts": None, "prefixes": len(starts), "heldout_prefixes": n_held,
+                 "examples": starts[:3], "salience": salience[:5] if salience else None,
+                 "salience_median_of_candidates": median,
+                 "sampling_seconds": round(time.perf_counter() - t0, 1)}
+        _save_samples(work, samples, smeta)
+    n_held = smeta["heldout_prefixes"] * cfg.samples
+    held, train = samples[:n_held], samples[n_held:]
+    if not train:
+        raise DistillError(f"no training samples: --heldout {cfg.heldout} holds out all {smeta['prefixes']} prefixes")
+    pad = tgt.tokenizer.pad_token_id if tgt.tokenizer.pad_token_id is not None else tgt.tokenizer.eos_token_id
+    student = get_peft_model(tgt.model, LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, lora_dropout=0.0,
+                                                   target_modules=parse_targets(cfg.targets), task_type="CAUSAL_LM"))
+    at_start = fidelity(student, held, pad, cfg.batch_size)
+
+    def draw(step: int):  # reshuffled epochs; a step's rows depend on (seed, step) alone
+        rows = []
+        for p in range(step * cfg.batch_size, (step + 1) * cfg.batch_size):
+            epoch, i = divmod(p, len(train))
+            rows.append(int(torch.randperm(len(train), generator=torch.Generator().manual_seed(
+                cfg.seed * 100_003 + epoch))[i]))
+        return batch_of([train[j] for j in rows], pad)
+
+    dcfg = DistillConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
+                         checkpoint_every=25, threads=cfg.threads)
+    run = distill(student, None, None, dcfg, work / "ckpt", key=key + cfg.targets + str(cfg.rank),
+                  loss_fn=lambda s, t: sparse_kl(s, *(x.to(s.device) for x in t)), progress=progress, draw=draw)
+    at_end = fidelity(student, held, pad, cfg.batch_size)
+    info = {"kind": "cast-distilled-lora", "version": 1,
+            "source": {"model": src_name, "adapter": str(cfg.adapter),
+                       "adapter_sha256": sha256_file(Path(cfg.adapter) / "adapter_model.safetensors"),
+                       "task": (meta or {}).get("task")},
+            "target": asdict(tgt.info),
+            "teacher": {"kind": "logit proxy", "shared_tokens": len(proxy.ids_t), "renormalise": proxy.renormalise},
+            "data": {"regime": cfg.data, "prompts_file": cfg.prompts,
+                     "prompts_sha256": sha256_file(cfg.prompts) if cfg.prompts else None,
+                     "k": len(prompts) if prompts else 0, **{k: v for k, v in smeta.items() if k not in ("key", "starts")},
+                     "train_samples": len(train), "heldout_samples": len(held),
+                     "train_tokens": sum(len(x.ids) - x.start for x in train)},
+            "student": {"targets": cfg.targets, "rank": cfg.rank, "alpha": 2 * cfg.rank},
+            "config": asdict(cfg),
+            "fidelity": {"heldout_teacher_samples": at_end, "target_base": at_start},
+            "distillation": {k: v for k, v in run.items() if k != "losses"} | {"losses": run["losses"][::5]},
+            "seconds": round(time.perf_counter() - t0, 1)}
+    with atomic_path(out) as staged:
+        student.save_pretrained(staged)
+        (staged / DISTILL_FILE).write_text(json.dumps(info, indent=2))
+    shutil.rmtree(work, ignore_errors=True)  # committed: nothing left to resume
+    return info

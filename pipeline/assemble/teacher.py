@@ -1,0 +1,148 @@
+"""Text for distilling the logit proxy into a target LoRA, and the proxy's distributions on it.
+
+    prompts   where the continuations start: k unlabelled task prompts (--prompts), or
+              prefixes of generic corpus text, chosen by how much the source LoRA acts
+              there (salient) or at random (uniform)
+    samples   continuations drawn from the teacher itself (the target decoding through the
+              proxy, temperature 1), so the student learns on text the teacher would write
+    targets   at every continuation position, the teacher's top-k log-probabilities: the
+              sampling step computes them anyway, so scoring costs nothing more
+
+The proxy's distribution is already on the target's vocabulary and tokenization, so the
+student (the target with a LoRA) compares with it token for token (docs/design.md#distilling-the-proxy).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.lora.train import causal_lm_logits, left_pad
+
+
+@dataclass
+class Sample:
+    """One prompt and one continuation the teacher wrote, in the target's token ids."""
+
+    ids: list[int]
+    """Prompt (with the tokenizer's specials) + continuation (ending in eos unless cut at the length cap)."""
+    start: int
+    """Index of the first continuation token: column start-1+j predicts continuation token j."""
+    top_ids: torch.Tensor
+    """(continuation length, k) the teacher's k likeliest next tokens at each continuation position."""
+    top_lp: torch.Tensor
+    """(continuation length, k) their log-probabilities under the teacher (the rest of the mass is 1 − Σ exp)."""
+
+
+@torch.no_grad()
+def sample_teacher(model, tokenizer, proxy, prompts: list[str], per_prompt: int, max_new_tokens: int,
+                   top_k: int = 64, seed: int = 0, batch_size: int = 8, progress: bool = True) -> list[Sample]:
+    """per_prompt continuations of each prompt, sampled from the target decoding through
+    the proxy (LogitsProcessorList or LogitProxy), with the teacher's top-k at every step."""
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig
+
+    from pipeline.assemble.proxy import processors
+
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    # temperature 1 and no top-k/top-p: the scores generate() reports are the teacher's own logits
+    gen = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                           pad_token_id=pad, eos_token_id=eos, output_scores=True, return_dict_in_generate=True)
+    rows = [p for p in prompts for _ in range(per_prompt)]
+    out: list[Sample] = []
+    bar = tqdm(total=len(rows), desc="teacher samples", disable=not progress, file=sys.stderr)
+    for s in range(0, len(rows), batch_size):
+        torch.manual_seed(seed * 1_000_003 + s)  # a batch's draws depend on the seed and its place alone
+        enc = [tokenizer(p, add_special_tokens=True).input_ids for p in rows[s:s + batch_size]]
+        ids, mask, _ = left_pad(enc, pad)
+        res = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen,
+                             logits_processor=processors(proxy))
+        width = ids.shape[1]
+        lp = torch.stack(res.scores, 1).float().log_softmax(-1)  # (batch, steps, vocab)
+        for r, prompt_ids in enumerate(enc):
+            cont = res.sequences[r, width:].tolist()
+            n = cont.index(eos) + 1 if eos in cont else len(cont)
+            top = lp[r, :n].topk(top_k, -1)
+            out.append(Sample(prompt_ids + cont[:n], len(prompt_ids), top.indices.cpu().to(torch.int32),
+                              top.values.cpu()))
+        bar.update(len(enc))
+    bar.close()
+    return out
+
+
+@torch.no_grad()
+def salient_prefixes(source, src_tok, texts: list[str], n: int, context_chars: int = 200,
+                     batch_size: int = 8, progress: bool = True) -> tuple[list[str], list[float], float]:
+    """The n texts where the source LoRA changes the source's next-token distribution most:
+    per text, the position of largest KL(source + LoRA || source); the text up to that
+    token (its last context_chars, from a word start) is the prefix. Returns the prefixes,
+    their KLs (largest first) and the median KL over all texts (what a random pick gets).
+    `source` is a PEFT model (disable_adapter() is the base)."""
+    from tqdm.auto import tqdm
+
+    device = next(source.parameters()).device
+    pad = src_tok.pad_token_id if src_tok.pad_token_id is not None else src_tok.eos_token_id
+    best: list[tuple[float, int, int]] = []  # (kl, text index, end character)
+    for s in tqdm(range(0, len(texts), batch_size), desc="salience", disable=not progress, file=sys.stderr):
+        enc = [src_tok(t, add_special_tokens=True, return_offsets_mapping=True) for t in texts[s:s + batch_size]]
+        ids, mask, pos = (t.to(device) for t in left_pad([e.input_ids for e in enc], pad))
+        kw = dict(input_ids=ids, attention_mask=mask, position_ids=pos)
+        sel = mask.bool()
+        lp = causal_lm_logits(source, sel, **kw).log_softmax(-1)
+        with source.disable_adapter():
+            lb = causal_lm_logits(source, sel, **kw).log_softmax(-1)
+        kl = (lp.exp() * (lp - lb)).sum(-1)
+        at = 0
+        for i, e in enumerate(enc):  # rows of `sel` in row-major order: text i's tokens in order
+            k = kl[at:at + len(e.input_ids)]
+            at += len(e.input_ids)
+            j = int(k.argmax())
+            best.append((float(k[j]), s + i, e.offset_mapping[j][1]))
+    best.sort(reverse=True)
+    prefixes, scores = [], []
+    for kl_value, i, end in best[:n]:
+        text = texts[i][:end]
+        cut = text[-context_chars:]
+        if len(text) > context_chars and " " in cut:
+            cut = cut[cut.index(" ") + 1:]
+        if cut.strip():
+            prefixes.append(cut)
+            scores.append(kl_value)
+    return prefixes, scores, best[len(best) // 2][0] if best else 0.0
+
+
+def uniform_prefixes(texts: list[str], n: int, seed: int, context_chars: int = 200) -> list[str]:
+    """n prefixes of the texts cut at a random word end (the control for salience)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in torch.randperm(len(texts), generator=g)[:n].tolist():
+        words = texts[i].split(" ")
+        k = int(torch.randint(1, len(words) + 1, (1,), generator=g))
+        out.append(" ".join(words[:k])[-context_chars:].lstrip())
+    return [p for p in out if p.strip()]
+
+
+def sparse_kl(student_logits: torch.Tensor, top_ids: torch.Tensor, top_lp: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student) on the teacher's top-k tokens plus one
+    bucket for the rest of the vocabulary: exact for the distributions coarsened that way."""
+    s = student_logits.log_softmax(-1)
+    s_top = s.gather(-1, top_ids.long())
+    t_rest = torch.log1p(-top_lp.exp().sum(-1).clamp(max=1 - 1e-6))
+    s_rest = torch.log1p(-s_top.exp().sum(-1).clamp(max=1 - 1e-6))
+    kl = (top_lp.exp() * (top_lp - s_top)).sum(-1) + t_rest.exp() * (t_rest - s_rest)
+    return kl.mean()
+
+
+def batch_of(samples: list[Sample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """Right-padded ids, the positions that predict continuation tokens, and the teacher's
+    top-k there in the same row-major order (for sparse_kl)."""
+    width = max(len(x.ids) for x in samples)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    select = torch.zeros_like(ids, dtype=torch.bool)
+    for r, x in enumerate(samples):
+        ids[r, :len(x.ids)] = torch.tensor(x.ids)
+        select[r, x.start - 1:len(x.ids) - 1] = True
+    return ids, select, (torch.cat([x.top_ids for x in samples]), torch.cat([x.top_lp for x in samples]))

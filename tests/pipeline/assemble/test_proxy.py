@@ -1,0 +1,136 @@
+"""The logit proxy's vocabulary map and shift, on tokenizers built here whose spellings of
+the same bytes differ (byte-level BPE vs SentencePiece-style), and on the pair `cast run`
+uses (the cached real tokenizers when present, the tiny presets otherwise)."""
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from pipeline.assemble.proxy import LogitProxy, ProxyError, shared_vocab, token_bytes
+
+
+def _fast(vocab: list[str], decoder) -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models
+
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(vocab)}, merges=[], unk_token="<unk>"))
+    tok.decoder = decoder
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="</s>")
+
+
+# Byte-level BPE spells each byte with a printable stand-in: Ġ space, ĉ tab, Ċ newline,
+# "Ã©" the two bytes of é, "Â£" those of £; a lone "Ã" is the partial byte 0xC3.
+BYTE_LEVEL = ["<unk>", "</s>", "Ġ", "ĠĠ", "ĉ", "Ċ", "Ã©", "Â£", "1", "12", "Ã", "A", "ĠĠĠ"]
+# SentencePiece-style: ▁ is a space, <0xNN> a byte; "Ã" is the character U+00C3 (bytes
+# C3 83), a literal "Ċ" is U+010A, and <0x41> duplicates "A".
+SENTENCEPIECE = ["<unk>", "</s>", "▁", "▁▁", "\t", "\n", "é", "£", "1", "12", "Ã", "<0x41>", "A", "Ċ",
+                 "<0xC3>", "▁▁▁▁"]
+EXPECTED = {"Ġ": "▁", "ĠĠ": "▁▁", "ĉ": "\t", "Ċ": "\n", "Ã©": "é", "Â£": "£", "1": "1", "12": "12", "A": "A",
+            "</s>": "</s>"}
+
+
+@pytest.fixture(scope="module")
+def pair():
+    from tokenizers import decoders
+
+    src = _fast(BYTE_LEVEL, decoders.ByteLevel())
+    tgt = _fast(SENTENCEPIECE, decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                                  decoders.Fuse()]))
+    return src, tgt
+
+
+def test_pairs_are_the_tokens_that_stand_for_the_same_bytes(pair):
+    src, tgt = pair
+    assert token_bytes(src)[BYTE_LEVEL.index("Ã©")] == "é".encode()
+    assert BYTE_LEVEL.index("Ã") not in token_bytes(src)          # a partial UTF-8 byte pairs with nothing
+    assert SENTENCEPIECE.index("<0xC3>") not in token_bytes(tgt)
+    assert token_bytes(tgt)[SENTENCEPIECE.index("Ã")] == "Ã".encode()
+    ids_s, ids_t = shared_vocab(src, tgt)
+    got = {BYTE_LEVEL[a]: SENTENCEPIECE[b] for a, b in zip(ids_s.tolist(), ids_t.tolist())}
+    assert got == EXPECTED
+
+
+class _Source(torch.nn.Module):
+    """A source 'model' whose next-token logits at the last position are fixed, one row
+    with its LoRA and one without; the proxy reads only those."""
+
+    def __init__(self, with_lora: torch.Tensor, base: torch.Tensor):
+        super().__init__()
+        self.rows = {True: with_lora, False: base}
+        self.on = True
+        self.head = torch.nn.Linear(1, len(base), bias=False)
+
+    def get_output_embeddings(self):
+        return self.head
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        self.on = False
+        try:
+            yield
+        finally:
+            self.on = True
+
+    def forward(self, input_ids, **_):
+        return SimpleNamespace(logits=self.rows[self.on].expand(*input_ids.shape, -1))
+
+
+def test_the_shift_is_the_change_on_shared_tokens_and_the_rest_mass_elsewhere(pair):
+    src, tgt = pair
+    with_lora = torch.tensor([0.0, 1.0, 2.0, 0.5, -1.0, 0.0, 3.0, 1.0, 0.0, 2.0, 1.5, -0.5, 0.0])
+    base = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 2.0, 0.5, 0.0, 0.0, 0.0, 1.0])
+    proxy = LogitProxy(_Source(with_lora, base), src, tgt)
+    z = proxy.shift(["12 £"], len(SENTENCEPIECE))[0]
+    p_l, p_b = with_lora.softmax(-1).tolist(), base.softmax(-1).tolist()
+    rest = [i for i, t in enumerate(BYTE_LEVEL) if t not in EXPECTED]  # <unk>, Ã, ĠĠĠ
+    rest_shift = math.log(sum(p_l[i] for i in rest) / sum(p_b[i] for i in rest))
+    for i, t in enumerate(SENTENCEPIECE):
+        partner = next((s for s, u in EXPECTED.items() if u == t), None)
+        want = (math.log(p_l[BYTE_LEVEL.index(partner)] / p_b[BYTE_LEVEL.index(partner)]) if partner
+                else rest_shift)
+        assert z[i].item() == pytest.approx(want, abs=1e-5), t
+    # the proxied distribution keeps the source's ratio of shared to rest mass changes
+    plain = LogitProxy(_Source(with_lora, base), src, tgt, renormalise=False).shift(["12 £"], len(SENTENCEPIECE))[0]
+    assert plain[SENTENCEPIECE.index("Ã")] == 0 and z[SENTENCEPIECE.index("Ã")] != 0
+    with pytest.raises(ProxyError, match="empty"):
+        proxy.shift([""], len(SENTENCEPIECE))
+
+
+def cached_or_tiny() -> tuple[str, str]:
+    """The real pair when both are in the user cache, else the tiny presets (no download)."""
+    from pipeline.cache.models import REGISTRY, _checkpoint_dir
+
+    real = ("smollm2-135m", "gemma3-270m")
+    cache = Path.home() / ".cache" / "cast"
+    dirs = [cache / "models" / _checkpoint_dir(REGISTRY[n]).name for n in real]
+    return tuple(str(d) for d in dirs) if all((d / "config.json").exists() for d in dirs) else ("tiny-llama",
+                                                                                              "tiny-gemma3")
+
+
+def check_pairs_decode_alike(src_name: str, tgt_name: str) -> int:
+    """Every shared pair decodes to the same text with its own tokenizer (after a fixed
+    prefix, so no decoder strips a leading space); returns the number of pairs."""
+    from pipeline.cache.models import load_tokenizer
+
+    src, tgt = load_tokenizer(src_name), load_tokenizer(tgt_name)
+
+    def text(tok, i: int) -> str:
+        a = tok("a", add_special_tokens=False).input_ids
+        kw = dict(skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return tok.decode(a + [i], **kw)[len(tok.decode(a, **kw)):]
+
+    ids_s, ids_t = shared_vocab(src, tgt)
+    pairs = list(zip(ids_s.tolist()[:-1], ids_t.tolist()[:-1]))  # the last pair is eos with eos
+    bad = [(src.convert_ids_to_tokens(a), tgt.convert_ids_to_tokens(b)) for a, b in pairs
+           if text(src, a) != text(tgt, b)]
+    assert not bad, f"{len(bad)} pairs decode differently, e.g. {bad[:5]}"
+    return len(pairs)
+
+
+def test_every_shared_pair_of_the_default_pair_decodes_to_the_same_text():
+    assert check_pairs_decode_alike(*cached_or_tiny()) > 50

@@ -1,0 +1,114 @@
+"""`cast distill`: the logit proxy distilled into a plain PEFT LoRA for the target, on tiny
+models. tiny-llama onto itself: the proxy is then the source LoRA itself, so the student
+must move towards it."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from jobs.cli import main
+from pipeline.cache.models import load_model
+from pipeline.lora.adapters import load_adapter
+from pipeline.lora.tasks import load_task
+
+IDS = [[5, 17, 42, 99, 3, 150, 7, 8, 61]]
+
+PLAIN_PEFT = """
+import json, sys
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+out = sys.argv[1]
+base = json.load(open(out + "/adapter_config.json"))["base_model_name_or_path"]
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out).eval()
+with torch.no_grad():
+    logits = model(input_ids=torch.tensor(%s)).logits
+mods = [m for m in sys.modules if m.split(".")[0] in ("pipeline", "heads", "storage", "jobs", "runtime")]
+print(json.dumps({"logits": logits.tolist(), "project_modules": mods}))
+""" % IDS
+
+
+@pytest.fixture(scope="module")
+def lora(tmp_path_factory):
+    out = tmp_path_factory.mktemp("student") / "lora"
+    assert main(["lora", "train", "--model", "tiny-llama", "--task", "add2", "--steps", "20", "--lr", "1e-2",
+                 "--batch-size", "8", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_distilled_lora_is_plain_peft_and_moves_towards_the_teacher(lora, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    train = load_task("add2", split="train", seed=0).train
+    prompts.write_text("\n".join(e.prompt for e in train[:12]) + "\n")
+    out = tmp_path / "d"
+    code, stdout, _ = run(capsys, "distill", "--adapter", lora, "--target", "tiny-llama", "--data", "prompts",
+                          "--prompts", prompts, "--out", out, "--steps", "30", "--samples", "2", "--heldout", "0.25",
+                          "--lr", "1e-2", "--quiet")
+    assert code == 0
+    info = json.loads((out / "cast_distill.json").read_text())
+    assert info["data"]["regime"] == "prompts" and info["data"]["k"] == 12
+    assert info["data"]["heldout_samples"] == 6 and info["data"]["train_samples"] == 18
+    assert len(info["source"]["adapter_sha256"]) == 64 and info["teacher"]["kind"] == "logit proxy"
+    fid = info["fidelity"]
+    assert fid["heldout_teacher_samples"]["kl"] < 0.8 * fid["target_base"]["kl"], fid
+
+    # A fresh interpreter with plain transformers + peft, nothing of this project.
+    res = subprocess.run([sys.executable, "-I", "-c", PLAIN_PEFT, str(out)], capture_output=True, text=True,
+                         cwd=tmp_path, check=True)
+    plain = json.loads(res.stdout)
+    assert plain["project_modules"] == []
+    ours = load_adapter(load_model("tiny-llama").model, out)
+    with torch.no_grad():
+        want = ours(input_ids=torch.tensor(IDS)).logits
+    assert (torch.tensor(plain["logits"]) - want).abs().max().item() <= 1e-4
+    base = load_model("tiny-llama").model(input_ids=torch.tensor(IDS)).logits
+    assert (want - base).abs().max().item() > 1e-3  # the student is not the bare target
+
+
+def test_distill_refuses_test_prompts_and_resumes_its_samples(lora, tmp_path, capsys, monkeypatch):
+    test = load_task("add2", split="test", seed=0).test
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": test[3].prompt}) + "\n" + json.dumps({"prompt": "1+1="}) + "\n")
+    code, _, err = run(capsys, "distill", "--adapter", lora, "--target", "tiny-llama", "--data", "prompts",
+                       "--prompts", bad, "--out", tmp_path / "x")
+    assert code == 2 and "1 of 2 prompts are in the test split of add2" in err
+    assert not (tmp_path / "x").exists()
+    code, _, err = run(capsys, "distill", "--adapter", lora, "--target", "tiny-llama", "--prompts", bad,
+                       "--out", tmp_path / "x")
+    assert code == 2 and "--prompts FILE goes with --data prompts" in err
+
+    import pipeline.assemble.student as student
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt  # as if killed after the teacher's samples were written
+    good = tmp_path / "good.txt"
+    good.write_text("1+1=\n2+5=\n")
+    argv = ["distill", "--adapter", lora, "--target", "tiny-llama", "--data", "prompts", "--prompts", good,
+            "--out", tmp_path / "y", "--steps", "2", "--quiet"]
+    monkeypatch.setattr(student, "distill", stop)
+    assert run(capsys, *argv)[0] != 0
+    monkeypatch.undo()
+    code, _, err = run(capsys, *argv)
+    assert code == 0 and "8 teacher samples from" in err
+
+
+def test_salient_prefixes_are_where_the_lora_acts_most(lora, corpus_dir, tmp_path, capsys):
+    code, _, _ = run(capsys, "distill", "--adapter", lora, "--target", "tiny-llama", "--corpus", corpus_dir,
+                     "--candidates", "10", "--prefixes", "2", "--samples", "1", "--steps", "2", "--out",
+                     tmp_path / "s", "--quiet")
+    assert code == 0
+    data = json.loads((tmp_path / "s" / "cast_distill.json").read_text())["data"]
+    assert data["regime"] == "salient" and data["prefixes"] == 2
+    kl = data["salience"]
+    assert kl == sorted(kl, reverse=True) and kl[-1] > data["salience_median_of_candidates"] > 0
