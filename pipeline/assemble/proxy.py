@@ -122,16 +122,18 @@ class LogitProxy(LogitsProcessor):
     base. Use shift(texts, vocab) for teacher-forced scoring and the instance (or
     `LogitsProcessorList([proxy])`) as a transformers logits processor when the target
     generates. renormalise=False gives the target-only tokens no change (the proxy before
-    the rest-mass rule; kept to measure that rule)."""
+    the rest-mass rule; kept to measure that rule); cache=False re-reads the whole text at
+    every generated token (the reference the cache is tested against)."""
 
-    def __init__(self, source, src_tok, tgt_tok, batch_size: int = 32, renormalise: bool = True):
+    def __init__(self, source, src_tok, tgt_tok, batch_size: int = 32, renormalise: bool = True,
+                 cache: bool = True):
         self.source, self.src_tok, self.tgt_tok = source, src_tok, tgt_tok
         self.ids_s, self.ids_t = shared_vocab(src_tok, tgt_tok)
         vocab_s = source.get_output_embeddings().weight.shape[0]
         rest = torch.ones(vocab_s, dtype=torch.bool)
         rest[self.ids_s] = False
         self.rest_s = rest.nonzero()[:, 0]
-        self.batch_size, self.renormalise = batch_size, renormalise
+        self.batch_size, self.renormalise, self.cache, self._cache = batch_size, renormalise, cache, None
         self.pad = src_tok.pad_token_id if src_tok.pad_token_id is not None else src_tok.eos_token_id
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
@@ -158,26 +160,41 @@ class LogitProxy(LogitsProcessor):
             with_lora = causal_lm_logits(self.source, last, **kw).float().log_softmax(-1)
             with self.source.disable_adapter():
                 base = causal_lm_logits(self.source, last, **kw).float().log_softmax(-1)
-            shared.append((with_lora - base)[:, self.ids_s.to(device)])
-            if len(self.rest_s):
-                r = self.rest_s.to(device)
-                rest.append(with_lora[:, r].logsumexp(-1) - base[:, r].logsumexp(-1))
-            else:
-                rest.append(torch.zeros(len(ids), device=device))
+            d, r = self.split(with_lora, base)
+            shared.append(d)
+            rest.append(r)
         return torch.cat(shared), torch.cat(rest)
+
+    def place(self, d: torch.Tensor, r: torch.Tensor, vocab: int) -> torch.Tensor:
+        """(rows, vocab) additive target logits from delta()'s two parts."""
+        z = (r[:, None] if self.renormalise else torch.zeros_like(r)[:, None]).expand(len(d), vocab).clone()
+        z[:, self.ids_t.to(d.device)] = d
+        return z
+
+    def split(self, with_lora: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """delta()'s two parts from the source's log-probabilities with and without the LoRA."""
+        rest = (with_lora[:, self.rest_s.to(with_lora.device)].logsumexp(-1)
+                - base[:, self.rest_s.to(base.device)].logsumexp(-1)) if len(self.rest_s) else base[:, 0] * 0
+        return (with_lora - base)[:, self.ids_s.to(with_lora.device)], rest
 
     def shift(self, texts: list[str], vocab: int) -> torch.Tensor:
         """(len(texts), vocab) additive target logits: the change on shared tokens, the
         rest-mass change on every other token (0 with renormalise=False)."""
-        d, r = self.delta(texts)
-        z = (r[:, None] if self.renormalise else torch.zeros_like(r)[:, None]).expand(len(texts), vocab).clone()
-        z[:, self.ids_t.to(d.device)] = d
-        return z
+        return self.place(*self.delta(texts), vocab)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """transformers LogitsProcessor: the target's text so far, decoded, is what the source reads."""
+        """transformers LogitsProcessor: the target's text so far, decoded, is what the source
+        reads. With cache=True (the default) the source keeps its KV caches across the steps
+        of one generation and reads only the tokens that changed (pipeline/assemble/proxy_cache.py)."""
         texts = self.tgt_tok.batch_decode(input_ids, skip_special_tokens=True)
-        return scores + self.shift(texts, scores.shape[-1]).to(scores.device, scores.dtype)
+        if not self.cache:
+            return scores + self.shift(texts, scores.shape[-1]).to(scores.device, scores.dtype)
+        from pipeline.assemble.proxy_cache import SourceCache
+
+        if self._cache is None or not self._cache.continues(input_ids):
+            self._cache = SourceCache(self)
+        d, r = self.split(*self._cache.step(input_ids, texts))
+        return scores + self.place(d, r, scores.shape[-1]).to(scores.device, scores.dtype)
 
 
 def processors(proxy: LogitProxy | LogitsProcessorList | None) -> LogitsProcessorList:

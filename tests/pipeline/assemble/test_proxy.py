@@ -134,3 +134,32 @@ def check_pairs_decode_alike(src_name: str, tgt_name: str) -> int:
 
 def test_every_shared_pair_of_the_default_pair_decodes_to_the_same_text():
     assert check_pairs_decode_alike(*cached_or_tiny()) > 50
+
+
+@pytest.fixture(scope="module")
+def tiny_proxy():
+    """tiny-llama with a random (non-zero) LoRA as the source, tiny-gemma3 as the target."""
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline.cache.models import load_model
+
+    torch.manual_seed(0)
+    src, tgt = load_model("tiny-llama"), load_model("tiny-gemma3")
+    source = get_peft_model(src.model, LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"],
+                                                  init_lora_weights=False)).eval()
+    return source, src.tokenizer, tgt
+
+
+def test_the_cached_proxy_decodes_exactly_as_the_uncached_one(tiny_proxy):
+    from pipeline.lora.evaluate import generate_greedy
+    from pipeline.lora.tasks import load_task
+
+    source, src_tok, tgt = tiny_proxy
+    prompts = [e.prompt for name in ("add2", "reverse", "capital") for e in load_task(name, split="test").test[:8]]
+    outs = {}
+    for cache in (False, True):
+        proxy = LogitProxy(source, src_tok, tgt.tokenizer, cache=cache)
+        outs[cache] = generate_greedy(tgt.model, tgt.tokenizer, prompts, 12, batch_size=8, logits_processor=proxy)
+    plain = generate_greedy(tgt.model, tgt.tokenizer, prompts, 12, batch_size=8)
+    assert outs[True] == outs[False]
+    assert outs[True] != plain  # the proxy changed what the target writes

@@ -1,0 +1,77 @@
+"""The logit proxy's source at constant cost per generated token.
+
+At every step the proxy must read the target's whole text with the source (with and
+without its LoRA). Re-reading it costs a pass over all of it, so a 512-token generation
+costs hundreds of times a cached one. Here each row keeps the source token ids it has
+read and two KV caches (LoRA on, LoRA off); a step re-tokenizes the text, keeps the
+longest prefix of ids that did not change, and reads only the rest. Byte-level BPE can
+merge a new piece of text with the last token (" Kual" + "a" -> " Kuala"), so a few
+tokens at the tail may be re-read: their old cache slots are masked out, never reused,
+and the new ones are appended, with position ids that count real tokens only. A masked
+slot has no weight in attention, so the logits equal a fresh read of the text up to
+float rounding (tests/pipeline/assemble/test_proxy.py compares greedy outputs).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+class SourceCache:
+    """One generation's source state: per row the (slot, id) pairs read so far, the
+    attention mask over every slot written, and the two caches."""
+
+    def __init__(self, proxy):
+        self.proxy = proxy
+        self.rows: list[list[tuple[int, int]]] = []
+        self.mask: torch.Tensor | None = None
+        self.caches: dict[bool, object] = {True: None, False: None}
+        self.seen: torch.Tensor | None = None
+
+    def continues(self, input_ids: torch.Tensor) -> bool:
+        """Whether input_ids is the last step's batch plus one token per row."""
+        s = self.seen
+        return (s is not None and input_ids.shape[0] == s.shape[0] and input_ids.shape[1] == s.shape[1] + 1
+                and bool((input_ids[:, :-1].cpu() == s).all()))
+
+    @torch.no_grad()
+    def step(self, input_ids: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The source's next-token log-probabilities at the end of each text, (rows, vocab)
+        with the LoRA and without."""
+        self.seen = input_ids.cpu()
+        enc = self.proxy._encode(texts)
+        if not self.rows:
+            self.rows = [[] for _ in enc]
+        device = next(self.proxy.source.parameters()).device
+        plan = []
+        for i, ids in enumerate(enc):
+            old = [t for _, t in self.rows[i]]
+            keep = next((j for j, (a, b) in enumerate(zip(old, ids)) if a != b), min(len(old), len(ids)))
+            keep = min(keep, len(ids) - 1)  # at least the last token is read: its logits are the answer
+            for slot, _ in self.rows[i][keep:]:
+                self.mask[i, slot] = 0
+            self.rows[i] = self.rows[i][:keep]
+            plan.append(ids[keep:])
+        width, start = max(map(len, plan)), 0 if self.mask is None else self.mask.shape[1]
+        pad = self.proxy.pad
+        chunk = torch.full((len(plan), width), pad, dtype=torch.long)
+        cmask = torch.zeros_like(chunk)
+        pos = torch.zeros_like(chunk)
+        for i, new in enumerate(plan):  # right-aligned: every row's last token is in the last column
+            off = width - len(new)
+            chunk[i, off:], cmask[i, off:] = torch.tensor(new), 1
+            pos[i, off:] = torch.arange(len(self.rows[i]), len(self.rows[i]) + len(new))
+            pos[i, :off] = len(self.rows[i])  # masked slots: any position, nothing reads them
+            self.rows[i] += [(start + off + j, t) for j, t in enumerate(new)]
+        self.mask = cmask if self.mask is None else torch.cat([self.mask, cmask], 1)
+        out = {}
+        for lora in (True, False):
+            ctx = contextlib.nullcontext() if lora else self.proxy.source.disable_adapter()
+            with ctx:
+                res = self.proxy.source(input_ids=chunk.to(device), attention_mask=self.mask.to(device),
+                                        position_ids=pos.to(device), past_key_values=self.caches[lora],
+                                        use_cache=True)
+            self.caches[lora] = res.past_key_values
+            out[lora] = res.logits[:, -1].float().log_softmax(-1)
+        return out[True], out[False]
