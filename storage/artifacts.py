@@ -43,6 +43,7 @@ ALIGN_KIND = "cast.alignment"
 LAYERMAP_KIND = "cast.layermap"
 HEADS_KIND = "cast.heads"
 BRIDGED_KIND = "cast.bridged"
+PROXY_KIND = "cast.proxy"
 # Kind names written before they were made uniform; artifacts carrying them still load.
 OLD_KINDS = {HEADS_KIND: ("cast-heads",), BRIDGED_KIND: ("cast-bridged",)}
 

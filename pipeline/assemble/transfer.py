@@ -4,6 +4,9 @@ they need + a manifest), and `load_bridged` to get the target model with it appl
     BRIDGED/manifest.json        models, stores, head kind, layer assignment per adapter
     BRIDGED/adapters/<i>/        the source PEFT adapters, copied unchanged
     BRIDGED/heads/               only the heads those adapters need, + their index.json
+
+A logit proxy (--kind proxy) needs no heads: its manifest (kind cast.proxy) names the two
+models and holds the one source adapter; proxies written as cast.bridged still load.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from pathlib import Path
 from heads.headset import INDEX, HeadSet, load_heads
 from pipeline.assemble.bridge import BridgeError, SiteBridge, assign_layers, attach, read_lora
 from pipeline.cache.hooks import IN_SITE, out_site
-from storage.artifacts import BRIDGED_KIND, is_kind
+from storage.artifacts import BRIDGED_KIND, PROXY_KIND, is_kind
 from storage.files import atomic_path
 from storage.fs import as_path, check_location, copy_to_local, local_copy
 
@@ -28,10 +31,13 @@ class TransferConfig:
 
     adapter: str
     """Source PEFT adapter directory; several, comma-separated, are composed (summed)."""
-    heads: str
-    """Head set from `cast train-heads` (its source must be the adapters' base model)."""
     out: str
     """Bridged artifact directory to write."""
+    heads: str = ""
+    """Head set from `cast train-heads` (its source must be the adapters' base model); needed by --kind mlp and
+    ridge. A proxy needs none: it takes the target from --target, or from the head set when given."""
+    target: str = ""
+    """With --kind proxy and no --heads: the target model (registry name or local Hugging Face directory)."""
     kind: str = "proxy"
     """proxy (default; the only kind that carries the behaviour on the default pair, docs/results.md): no heads,
     the source with its LoRA runs beside the target and its change of log-probabilities is added to the target's
@@ -90,8 +96,40 @@ def check_adapter(adapter: str, lw, hs: HeadSet, kind: str) -> None:
                 f"set's source model has {ein} -> {din} there; the adapter is for another base model")
 
 
+def run_proxy(cfg: TransferConfig, adapters: list[str], weights: list[float], out: Path) -> dict:
+    """A proxy artifact: the source adapter and the two models' identities, no heads."""
+    from pipeline.cache.models import resolve
+    from pipeline.lora.adapters import read_adapter_meta
+
+    if len(adapters) > 1 or weights != [1.0]:
+        raise BridgeError("--kind proxy carries one adapter at weight 1; compose several with --kind mlp or ridge")
+    if cfg.heads:
+        hs = load_heads(cfg.heads)
+        check_base(adapters[0], hs)
+        source, target = hs.source, hs.target
+    else:
+        if not cfg.target:
+            raise BridgeError("--kind proxy needs the target model: pass --target NAME (or --heads of the pair)")
+        meta = read_adapter_meta(adapters[0])
+        if meta is None:
+            raise BridgeError(f"--adapter {adapters[0]}: no cast_lora.json naming its base model; pass --heads "
+                              f"of the pair, or train the adapter with `cast lora train`")
+        info = resolve(cfg.target)[1] or {"name": cfg.target, "weights_hash": ""}
+        source = {"model": meta["base"]["name"], "weights_hash": meta["base"]["weights_hash"]}
+        target = {"model": info["name"], "weights_hash": info["weights_hash"]}
+    lw = read_lora(adapters[0])
+    entries = [{"dir": "adapters/0", "origin": str(adapters[0]), "weight": 1.0, "modules": lw.modules,
+                "assignment": {}}]
+    manifest = {"kind": PROXY_KIND, "version": 1, "source": source, "target": target, "head_kind": "proxy",
+                "renormalise": True, "adapters": entries}
+    with atomic_path(out) as staged:
+        staged.mkdir()
+        copy_to_local(adapters[0], staged / "adapters" / "0")
+        (staged / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
 def run_transfer(cfg: TransferConfig) -> dict:
-    hs = load_heads(cfg.heads)
     adapters = [a.strip() for a in cfg.adapter.split(",") if a.strip()]
     weights = [float(w) for w in cfg.weights.split(",")] if cfg.weights else [1.0] * len(adapters)
     if len(weights) != len(adapters):
@@ -101,16 +139,14 @@ def run_transfer(cfg: TransferConfig) -> dict:
         raise BridgeError(f"--out {out} exists and is not empty; choose another path or pass --force")
     if cfg.kind not in ("mlp", "ridge", "proxy"):
         raise BridgeError(f"--kind {cfg.kind}: choose mlp, ridge or proxy")
-    if cfg.kind == "proxy" and (len(adapters) > 1 or weights != [1.0]):
-        raise BridgeError("--kind proxy carries one adapter at weight 1; compose several with --kind mlp or ridge")
+    if cfg.kind == "proxy":
+        return run_proxy(cfg, adapters, weights, out)
+    if not cfg.heads:
+        raise BridgeError(f"--kind {cfg.kind} needs --heads (a head set from `cast train-heads`)")
+    hs = load_heads(cfg.heads)
     entries, names = [], set()
     for i, (adapter, w) in enumerate(zip(adapters, weights)):
         lw = read_lora(adapter)
-        if cfg.kind == "proxy":  # no heads: only the adapter must belong to the head set's source
-            check_base(adapter, hs)
-            entries.append({"dir": f"adapters/{i}", "origin": str(adapter), "weight": w, "modules": lw.modules,
-                            "assignment": {}})
-            continue
         check_adapter(adapter, lw, hs, cfg.kind)
         assignment = assign_layers(lw.source_layers, hs.mapping, cfg.carry)
         entries.append({"dir": f"adapters/{i}", "origin": str(adapter), "weight": w, "modules": lw.modules,
@@ -128,7 +164,6 @@ def run_transfer(cfg: TransferConfig) -> dict:
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 copy_to_local(hs.path / (name + suffix), dst)
         index = {**hs.index, "heads": [h for h in hs.index["heads"] if h["name"] in names]}
-        (staged / "heads").mkdir(exist_ok=True)  # empty for a proxy: its index still records the models
         (staged / "heads" / INDEX).write_text(json.dumps(index, indent=1))
         manifest = {"kind": BRIDGED_KIND, "version": 1, "source": hs.source, "target": hs.target,
                     "head_kind": cfg.kind, "carry": cfg.carry, "layermap": hs.index["inputs"]["layermap"],
@@ -143,8 +178,8 @@ def read_manifest(path: str | Path) -> dict:
         check_location(path)
         raise BridgeError(f"{path} is not a bridged artifact (no {MANIFEST}); make one with `cast transfer`")
     manifest = json.loads(f.read_text())
-    if not is_kind(manifest, BRIDGED_KIND):
-        raise BridgeError(f"{f} is not a CAST bridged manifest")
+    if not (is_kind(manifest, BRIDGED_KIND) or is_kind(manifest, PROXY_KIND)):
+        raise BridgeError(f"{f} is not a CAST bridged or proxy manifest")
     return manifest
 
 

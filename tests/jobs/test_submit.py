@@ -180,7 +180,7 @@ def test_cluster_with_token_auth_refuses_a_submission_without_token(head, capsys
 @pytest.mark.parametrize("argv,message", [
     (["submit"], "name the STAGE first"),
     (["submit", "no-such-stage", "--", "x"], "STAGE 'no-such-stage' has no job entrypoint; choose one of align, "
-                                              "extract, layermap, lora, readout, run, train-heads, validate"),
+                                              "distill, extract, layermap, lora, readout, run, train-heads, validate"),
     (["submit", "extract", "--address", "http://127.0.0.1:9", "--model", "m"], "the stage's flags go after `--`"),
     (["submit", "extract", "--address", "http://127.0.0.1:9", "--", "--model", "m"],
      "not valid for `cast extract`"),

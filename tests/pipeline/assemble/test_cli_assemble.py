@@ -58,6 +58,19 @@ def test_transfer_then_generate_is_the_model_plus_its_lora(made, tmp_path, capsy
     assert out == "\n".join(want) + "\n"
 
 
+def test_a_proxy_needs_no_heads(made, tmp_path, capsys):
+    code, _, err = run(capsys, "transfer", "--adapter", made["lora"], "--out", tmp_path / "p", "--kind", "proxy")
+    assert code == 2 and "--kind proxy needs the target model" in err
+    assert run(capsys, "transfer", "--adapter", made["lora"], "--out", tmp_path / "p", "--kind", "proxy",
+               "--target", "tiny-llama")[0] == 0
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert manifest["kind"] == "cast.proxy" and not (tmp_path / "p" / "heads").exists()
+    code, out, _ = run(capsys, "generate", tmp_path / "p", "--prompt", PROMPTS[0], "--max-new-tokens", 4)
+    assert code == 0 and out.startswith(PROMPTS[0])
+    code, _, err = run(capsys, "transfer", "--adapter", made["lora"], "--out", tmp_path / "r", "--kind", "ridge")
+    assert code == 2 and "--kind ridge needs --heads" in err
+
+
 def test_transfer_refusals_are_messages(made, tmp_path, capsys):
     code, _, err = run(capsys, "transfer", "--adapter", f"{made['lora']},{made['lora']}", "--heads", made["heads"],
                        "--out", tmp_path / "x", "--kind", "proxy")
