@@ -25,7 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.assemble.distill import DistillConfig, distill
-from pipeline.assemble.teacher import Sample, batch_of, salient_prefixes, sample_teacher, sparse_kl, uniform_prefixes
+from pipeline.assemble.teacher import (Sample, batch_of, salient_prefixes, sample_teacher, sparse_kl,
+                                       stored_prefixes, uniform_prefixes)
 from storage.files import atomic_path, atomic_write_text, sha256_bytes, sha256_file
 
 DISTILL_FILE = "cast_distill.json"
@@ -54,6 +55,10 @@ class StudentConfig:
     Refused when it overlaps the test split of the task the adapter was trained on."""
     corpus: str = "nlp-corpus"
     """Generic text for salient/uniform: the built-in corpus or a file, directory or glob."""
+    store: str | None = None
+    """With --data salient: the source's activation store (`cast extract`); salience is then read from the
+    activations it holds at the adapted modules' inputs (scale·‖B·A·x‖), no model run. Without it, salience is
+    the KL between the source with and without the LoRA on --candidates segments (two source passes each)."""
     candidates: int = 600
     """Corpus segments scored for salience (each runs the source twice)."""
     prefixes: int = 48
@@ -88,6 +93,8 @@ class StudentConfig:
     def __post_init__(self):
         if self.data not in REGIMES:
             raise DistillError(f"--data {self.data}: choose one of {', '.join(REGIMES)}")
+        if self.store and self.data != "salient":
+            raise DistillError(f"--store goes with --data salient (it chooses salient text), not --data {self.data}")
         if (self.data == "prompts") != bool(self.prompts):
             raise DistillError("--prompts FILE goes with --data prompts (and --data prompts needs --prompts)")
         for name in ("candidates", "prefixes", "samples", "max_new_tokens", "top_k", "rank", "steps", "batch_size"):
@@ -223,8 +230,10 @@ def run_distill(cfg: StudentConfig, progress: bool = True) -> dict:
         if cfg.data == "prompts":
             starts = prompts
         else:
-            texts = corpus_texts(cfg.corpus, cfg.candidates)
-            if cfg.data == "salient":
+            texts = [] if cfg.store else corpus_texts(cfg.corpus, cfg.candidates)
+            if cfg.data == "salient" and cfg.store:
+                starts, salience, median = stored_prefixes(cfg.store, cfg.adapter, cfg.corpus, cfg.prefixes)
+            elif cfg.data == "salient":
                 starts, salience, median = salient_prefixes(source, src.tokenizer, texts, cfg.prefixes, progress=progress)
             else:
                 starts = uniform_prefixes(texts, cfg.prefixes, cfg.seed)
@@ -237,6 +246,7 @@ def run_distill(cfg: StudentConfig, progress: bool = True) -> dict:
         smeta = {"key": key, "starts": None, "prefixes": len(starts), "heldout_prefixes": n_held,
                  "examples": starts[:3], "salience": salience[:5] if salience else None,
                  "salience_median_of_candidates": median,
+                 "salience_from": ("store " + str(cfg.store)) if cfg.store else ("kl" if salience else None),
                  "sampling_seconds": round(time.perf_counter() - t0, 1)}
         _save_samples(work, samples, smeta)
     n_held = smeta["heldout_prefixes"] * cfg.samples

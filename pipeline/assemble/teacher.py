@@ -104,14 +104,60 @@ def salient_prefixes(source, src_tok, texts: list[str], n: int, context_chars: i
     best.sort(reverse=True)
     prefixes, scores = [], []
     for kl_value, i, end in best[:n]:
-        text = texts[i][:end]
-        cut = text[-context_chars:]
-        if len(text) > context_chars and " " in cut:
-            cut = cut[cut.index(" ") + 1:]
+        cut = _trim(texts[i][:end], context_chars)
         if cut.strip():
             prefixes.append(cut)
             scores.append(kl_value)
     return prefixes, scores, best[len(best) // 2][0] if best else 0.0
+
+
+def _trim(text: str, context_chars: int) -> str:
+    """The last context_chars of text, from a word start."""
+    cut = text[-context_chars:]
+    return cut[cut.index(" ") + 1:] if len(text) > context_chars and " " in cut else cut
+
+
+def stored_prefixes(store_path: str, adapter: str, corpus: str, n: int,
+                    context_chars: int = 200) -> tuple[list[str], list[float], float]:
+    """salient_prefixes without running a model: per token of the source store, the norm of
+    what the LoRA adds at every module it adapts, scale·‖B·A·x‖ summed over them, with x
+    the module's input as the store holds it. Per segment the largest such token ends the
+    prefix; the n segments where it is largest are kept. Returns prefixes, their scores
+    and the median over all segments."""
+    import dask.array as da
+    import numpy as np
+
+    from pipeline.assemble.bridge import read_lora
+    from pipeline.cache.corpus import load_corpus, segment
+    from pipeline.cache.hooks import IN_SITE
+    from storage import open_store
+
+    store, lw = open_store(store_path), read_lora(adapter)
+    need = sorted({(layer, IN_SITE[m]) for layer, m in lw.layers})
+    missing = [f"layer {layer} {site}" for layer, site in need if layer not in store.layers or site not in store.sites]
+    if missing:
+        raise ValueError(f"--store {store_path} lacks what the adapter reads: {', '.join(missing[:4])}; extract the "
+                         f"adapter's base model with --sites {','.join(sorted({s for _, s in need}))} at every layer")
+    total = 0
+    for (layer, module), (a, b) in sorted(lw.layers.items()):
+        w = (lw.scale * (b @ a)).T.numpy().astype(np.float32)  # (in, out): x @ w is the LoRA's change
+        total = total + da.linalg.norm(store.array(layer, IN_SITE[module]) @ w, axis=1)
+    meta = store.tokens()
+    score, seg, end = da.compute(total, meta["segment_id"], meta["char_end"])
+    best: dict[int, tuple[float, int]] = {}
+    for v, g, e in zip(score.tolist(), seg.tolist(), end.tolist()):
+        if v > best.get(g, (-1.0, 0))[0]:
+            best[g] = (v, e)
+    info = store.meta["corpus"]
+    text = load_corpus(corpus)
+    if text.hash != info["hash"]:
+        raise ValueError(f"--corpus {corpus} is not the text --store {store_path} read (corpus hash "
+                         f"{text.hash[:12]} vs {info['hash'][:12]}); pass the corpus the store was extracted from")
+    segments = segment(text, info["max_chars"])
+    ranked = sorted(((v, g, e) for g, (v, e) in best.items()), reverse=True)
+    chosen = [(v, _trim(segments[g].text[:e], context_chars)) for v, g, e in ranked[:n]]
+    chosen = [(v, p) for v, p in chosen if p.strip()]
+    return [p for _, p in chosen], [v for v, _ in chosen], ranked[len(ranked) // 2][0] if ranked else 0.0
 
 
 def uniform_prefixes(texts: list[str], n: int, seed: int, context_chars: int = 200) -> list[str]:

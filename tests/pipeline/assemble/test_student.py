@@ -112,3 +112,31 @@ def test_salient_prefixes_are_where_the_lora_acts_most(lora, corpus_dir, tmp_pat
     assert data["regime"] == "salient" and data["prefixes"] == 2
     kl = data["salience"]
     assert kl == sorted(kl, reverse=True) and kl[-1] > data["salience_median_of_candidates"] > 0
+
+
+def test_salience_read_from_the_store_is_what_the_lora_adds(lora, corpus_dir, tmp_path, capsys):
+    from pipeline.assemble.teacher import stored_prefixes
+
+    store = tmp_path / "src.zarr"
+    assert main(["extract", "--model", "tiny-llama", "--corpus", str(corpus_dir), "--out", str(store),
+                 "--sites", "attn_in", "--dtype", "float32", "--workers", "0", "--quiet"]) == 0
+    prefixes, scores, median = stored_prefixes(str(store), str(lora), str(corpus_dir), 2, context_chars=10_000)
+    assert len(prefixes) == 2 and scores[0] >= scores[1] > median
+
+    # The same number from the model: what the LoRA adds at each adapted module, summed, on
+    # the inputs the store holds (those of the base model, as extracted).
+    lm = load_model("tiny-llama")
+    peft = load_adapter(lm.model, lora)
+    norms = []
+
+    def hook(module, args, out):
+        x = args[0]
+        norms.append((module.lora_B["default"](module.lora_A["default"](x)) * module.scaling["default"]).norm(dim=-1))
+    handles = [m.register_forward_hook(hook) for n, m in peft.named_modules() if n.endswith(("q_proj", "v_proj"))
+               and hasattr(m, "lora_A")]
+    enc = lm.tokenizer(prefixes[0], return_tensors="pt")
+    with torch.no_grad(), peft.disable_adapter():
+        peft(**enc)
+    for h in handles:
+        h.remove()
+    assert torch.stack(norms).sum(0)[0, -1].item() == pytest.approx(scores[0], rel=1e-3)
