@@ -9,7 +9,8 @@ from jobs.cli import main
 
 RATIOS = ("a_extract_vs_forward", "a_extract_vs_backbone", "b_extract_vs_naive", "c_store_vs_recompute",
           "c_store_kept_vs_recompute", "d_extract_peak_4n_over_n", "d_process_peak_4n_over_n",
-          "e_store_vs_raw", "e_store_vs_float32")
+          "e_store_vs_raw", "e_store_vs_float32", "f_proxy_cached_per_token_512_over_32",
+          "f_proxy_cached_vs_target_tokens_per_s_128")
 
 
 def test_bench_reports_every_ratio(tmp_path, corpus_dir, capsys):
@@ -17,7 +18,7 @@ def test_bench_reports_every_ratio(tmp_path, corpus_dir, capsys):
     rc = main(["bench", "--model", "tiny-llama", "--corpus", str(corpus_dir), "--tokens", "240",
                "--unit-tokens", "100", "--mem-tokens", "240", "--mem-unit-tokens", "100",
                "--max-chars", "160", "--reps", "2", "--workdir", str(tmp_path / "work"),
-               "--json", str(out)])
+               "--proxy-source", "tiny-llama", "--proxy-target", "tiny-gemma3", "--json", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
     for name in RATIOS:
@@ -29,7 +30,10 @@ def test_bench_reports_every_ratio(tmp_path, corpus_dir, capsys):
     for method in ("extract", "forward", "backbone", "hooks", "extract_no_write", "naive", "head_epoch_recompute",
                    "head_epoch_store_streamed"):
         assert len(res["times"][method]) == 2 and all(t > 0 for t in res["times"][method])
+    assert set(res["proxy"]["tokens_per_s"]) == {"target", "target_lora", "proxy_uncached", "proxy_cached"}
+    assert all(set(v) == {"32", "128", "512"} for v in res["proxy"]["tokens_per_s"].values())
     assert (tmp_path / "bench.md").read_text().startswith("### cast bench: tiny-llama")
     printed = capsys.readouterr().out
     assert "| a_extract_vs_forward |" in printed and "(a) where extraction's time goes" in printed
+    assert "| proxy_cached |" in printed
     assert not any((tmp_path / "work").iterdir())  # scratch stores and dumps cleaned up
