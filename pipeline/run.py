@@ -4,6 +4,7 @@
     RUN/source.zarr, target.zarr activation stores               (committed units skipped)
     RUN/align, RUN/layermap     alignment and layer map          (skipped when present)
     RUN/heads                   projection heads                 (unchanged heads skipped)
+    RUN/distilled/<task>/       the proxy distilled into a target LoRA, zero task data (skipped when present)
     RUN/validate/<task>/        per-task report                  (skipped when present)
     RUN/report.md               all tasks in one table
 """
@@ -18,6 +19,7 @@ from heads.headset import write_summary
 from heads.run import TrainHeadsConfig, run_train_heads
 from pipeline.align.layermap import LayermapConfig, run_layermap
 from pipeline.align.pairs import AlignConfig, run_align
+from pipeline.assemble.student import StudentConfig, run_distill
 from pipeline.assemble.validate import ValidateConfig, format_report, format_summary, run_validate
 from pipeline.cache.extract import ExtractConfig, run_extract
 from pipeline.cache.hooks import lora_sites
@@ -51,7 +53,7 @@ class RunConfig:
     tasks: str = "add2,codebook,reverse,capital"
     """Built-in tasks: a source LoRA is trained on each, transferred and validated (skill tasks add2, codebook,
     reverse, sentiment; form tasks capital, plural)."""
-    corpus: str = sets((ExtractConfig, "corpus"), (ValidateConfig, "corpus"))
+    corpus: str = sets((ExtractConfig, "corpus"), (ValidateConfig, "corpus"), (StudentConfig, "corpus"))
     max_tokens: int = sets((ExtractConfig, "max_tokens"))
     targets: str = sets((LoraTrainConfig, "targets"))
     """Modules the LoRAs adapt (sites extracted and heads trained follow from these)."""
@@ -63,6 +65,8 @@ class RunConfig:
     limit: int = sets((ValidateConfig, "limit"), default=100)
     """Test examples per system and task (9 systems are scored for each task, 8 of them decoded)."""
     carry: str = sets((ValidateConfig, "carry"))
+    distill_steps: int = sets((StudentConfig, "steps"))
+    """Steps of `cast distill` per task (0: no distilled LoRA, no such row in the reports)."""
     workers: int = sets((ExtractConfig, "workers"))
     """Ray extraction actors per model (0: in-process); head training uses 2 tasks."""
     address: str | None = sets((ExtractConfig, "address"), (TrainHeadsConfig, "address"))
@@ -126,6 +130,14 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict:
     write_summary(index, heads)
     timings["train heads"] = time.perf_counter() - t0
 
+    for task in tasks if cfg.distill_steps else []:  # zero task data: salience read from the source store
+        dest = out / "distilled" / task
+        if not (dest / "cast_distill.json").exists():
+            t0 = _stage(f"distill {task} (the proxy into a target LoRA)")
+            run_distill(cfg.stage(StudentConfig, adapter=str(out / "lora" / task), out=str(dest), target=cfg.target,
+                                  store=str(stores["source"]), force=True), progress=progress)
+            timings[f"distill {task}"] = time.perf_counter() - t0
+
     reports = []
     for task in tasks:
         dest = out / "validate" / task
@@ -133,8 +145,10 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict:
             reports.append(json.loads((dest / "report.json").read_text()))
             continue
         t0 = _stage(f"validate {task}")
+        distilled = out / "distilled" / task
         reports.append(run_validate(cfg.stage(ValidateConfig, adapter=str(out / "lora" / task), heads=str(heads),
-                                              out=str(dest)), progress=progress))
+                                              out=str(dest), distilled=str(distilled) if cfg.distill_steps else None),
+                                    progress=progress))
         timings[f"validate {task}"] = time.perf_counter() - t0
     summary = "\n".join(format_report(r) for r in reports)
     (out / "report.md").write_text(f"# CAST run: {cfg.source} -> {cfg.target}\n\n## All tasks\n\n"

@@ -14,13 +14,14 @@ from pipeline.cache.models import load_model
 def test_cast_run_on_tiny_models_then_resume(tmp_path, corpus_dir, capsys):
     argv = ["run", "--out", str(tmp_path / "run"), "--source", "tiny-llama", "--target", "tiny-gemma3",
             "--corpus", str(corpus_dir), "--max-tokens", "900", "--tasks", "add2", "--lora-steps", "3",
-            "--head-epochs", "1", "--head-hidden", "16", "--limit", "6", "--workers", "0", "--quiet"]
+            "--head-epochs", "1", "--head-hidden", "16", "--limit", "6", "--workers", "0", "--distill-steps", "3",
+            "--quiet"]
     assert main(argv) == 0
     run = tmp_path / "run"
     report = json.loads((run / "validate" / "add2" / "report.json").read_text())
     assert set(report["systems"]) == {"source base", "source + LoRA", "target base", "target + retrained LoRA",
                                       "target + CAST (mlp)", "target + CAST (ridge)", "target + CAST exported",
-                                      "target + weight-space", "target + logit proxy"}
+                                      "target + weight-space", "target + logit proxy", "target + distilled LoRA"}
     assert report["n"] == 6 and report["group"] == "skill"
     assert {"recovery", "ratio", "ll_recovery"} <= set(report["transfer"]["target + CAST (mlp)"])
     assert all(report["systems"][k]["offtask"]["tokens"] > 0 for k in report["transfer"])
@@ -57,4 +58,6 @@ def test_cast_run_on_tiny_models_then_resume(tmp_path, corpus_dir, capsys):
     capsys.readouterr()
     assert main(argv) == 0  # resumes: nothing is recomputed
     err = capsys.readouterr().err
-    assert "0 to train" in err and "LoRA on" not in err and "validate add2" not in err
+    assert "0 to train" in err and "LoRA on" not in err and "validate add2" not in err and "distill add2" not in err
+    assert json.loads((run / "distilled" / "add2" / "cast_distill.json").read_text())["data"]["salience_from"].startswith(
+        "store")

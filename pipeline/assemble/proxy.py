@@ -23,7 +23,7 @@ import re
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from pipeline.lora.train import causal_lm_logits
+from pipeline.lora.train import causal_lm_logits, left_pad
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
@@ -147,8 +147,6 @@ class LogitProxy(LogitsProcessor):
     def delta(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """At the end of each text: (len(texts), shared) change of the source's log-probability
         of each shared token, and (len(texts),) change of its log-mass outside them."""
-        from pipeline.lora.train import left_pad
-
         device = next(self.source.parameters()).device
         enc = self._encode(texts)
         shared, rest = [], []

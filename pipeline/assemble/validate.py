@@ -47,6 +47,8 @@ class ValidateConfig:
     """Source LoRA layers carried: 'all' or 'mapped' (see `cast transfer --help`)."""
     retrained: str | None = None
     """An existing target LoRA to use as the retrained reference (default: train one with the same recipe)."""
+    distilled: str | None = None
+    """A target LoRA from `cast distill` (the proxy distilled, no task data) to score as "target + distilled LoRA"."""
     n_boot: int = 2000
     """Bootstrap resamples for the intervals."""
     decode: bool = True
@@ -185,6 +187,9 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> dict:
                                     force=True))
         proxied = load_bridged(out / "bridged-proxy", device=cfg.device)
         score("target + logit proxy", proxied.model, proxied.tokenizer, proxied.proxy)
+    if cfg.distilled:  # what a user can serve without the source
+        score("target + distilled LoRA", load_adapter(load_model(tgt_name, device=cfg.device).model, cfg.distilled),
+              tgt.tokenizer)
     return write_report(cfg, task.name, results, out, time.perf_counter() - t0, src_name, tgt_name)
 
 
