@@ -74,6 +74,18 @@ class ProjectionHead(nn.Module):
             y = y + self.down(nn.functional.gelu(self.up(z)))
         return y
 
+    def linear_change(self, d: torch.Tensor) -> torch.Tensor:
+        """(..., in_dim) change of the raw input -> the linear path's change of the raw output,
+        M·d with M = diag(out_std) W diag(1/in_std): the means and biases cancel in a difference.
+        For a ridge head this is its whole response to d (the bridge decodes a LoRA's change so)."""
+        return (d.float() / self.in_std) @ self.linear.weight.T * self.out_std
+
+    def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The linear path as raw x -> M x + k, float64 (all of a ridge head; `cast export` folds it)."""
+        w, b = self.linear.weight.double(), self.linear.bias.double()
+        s_in, s_out = self.in_std.double(), self.out_std.double()
+        return s_out[:, None] * w / s_in, s_out * (b - w @ (self.in_mean.double() / s_in)) + self.out_mean.double()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_dim) raw activations -> (..., out_dim) raw activations."""
         z = (x.float() - self.in_mean) / self.in_std

@@ -50,8 +50,9 @@ def cmd_export(ns) -> int:
 
     Ridge bridges fold exactly into a LoRA: each source layer carried onto a module adds
     its rank, --rank cuts back by SVD (the loss is reported), and the constant term a
-    LoRA cannot hold is measured on held-out text and reported (--bias carries it as
-    lora_bias). MLP bridges are distilled: a LoRA of --rank is trained to match the bridged
+    LoRA cannot hold is by default absorbed into one more rank (the most faithful form
+    that still merges; --bias carries it exactly as lora_bias, --no-absorb drops it), and
+    the export's agreement with the bridge on held-out text is printed. MLP bridges are distilled: a LoRA of --rank is trained to match the bridged
     model's next-token distributions on corpus text the stores never read (resumable:
     rerun the same command), and its agreement on held-out text is reported."""
     from pipeline.assemble.export import ExportConfig, export_peft
@@ -63,11 +64,14 @@ def cmd_export(ns) -> int:
 
 
 def cmd_validate(ns) -> int:
-    """Evaluate on the task's held-out test split: target base, target + a LoRA retrained on
-    the target with the source adapter's recipe, target + CAST (mlp and ridge heads), target
-    + weight-space transfer, and source base / source + LoRA. Writes report.json, report.md
-    and report.png with recovery and CAST/retrained ratios (paired bootstrap 95% intervals)."""
-    from pipeline.assemble.validate import ValidateConfig, format_report, run_validate
+    """Evaluate on the task's held-out test split (the adapter's recorded seed; a test prompt
+    it trained on is refused): target base, target + a LoRA retrained on the target with the
+    source adapter's recipe, target + CAST (mlp and ridge heads), target + CAST exported
+    (--absorb), target + weight-space transfer, target + logit proxy, and source base /
+    source + LoRA. Writes report.json, report.md and report.png, exact-match recovery first
+    (paired bootstrap 95% intervals resampling items where prompts share them)."""
+    from pipeline.assemble.report import format_report
+    from pipeline.assemble.validate import ValidateConfig, run_validate
 
     report = run_validate(to_dataclass(ValidateConfig, ns), progress=not ns.quiet)
     print(format_report(report))

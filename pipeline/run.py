@@ -19,8 +19,9 @@ from heads.headset import write_summary
 from heads.run import TrainHeadsConfig, run_train_heads
 from pipeline.align.layermap import LayermapConfig, run_layermap
 from pipeline.align.pairs import AlignConfig, run_align
+from pipeline.assemble.report import format_report, format_summary
 from pipeline.assemble.student import StudentConfig, run_distill
-from pipeline.assemble.validate import ValidateConfig, format_report, format_summary, run_validate
+from pipeline.assemble.validate import ValidateConfig, run_validate
 from pipeline.cache.extract import ExtractConfig, run_extract
 from pipeline.cache.hooks import lora_sites
 from pipeline.cache.models import DEFAULT_SOURCE, DEFAULT_TARGET

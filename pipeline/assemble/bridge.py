@@ -114,9 +114,8 @@ class SiteBridge(nn.Module):
         x_s = self.enc_in(x_t.float())                                     # (..., in_s)
         d_s = sum(s * (x_s @ getattr(self, f"A{i}").T) @ getattr(self, f"B{i}").T
                   for i, s in enumerate(self.scales))                      # (..., out_s)
-        if self.dec_out.cfg.kind == "ridge":
-            d = self.dec_out
-            return ((d_s / d.in_std) @ d.linear.weight.T * d.out_std).to(y_t.dtype)
+        if self.dec_out.cfg.kind == "ridge":  # linear: D(y + d) - D(y) = D's map of d, no E_out needed
+            return self.dec_out.linear_change(d_s).to(y_t.dtype)
         y_s = self.enc_out(y_t.float())
         return (self.dec_out(y_s + d_s) - self.dec_out(y_s)).to(y_t.dtype)
 

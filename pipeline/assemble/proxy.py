@@ -23,7 +23,8 @@ import re
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from pipeline.lora.train import causal_lm_logits, left_pad
+from pipeline.lora.batching import left_pad
+from pipeline.lora.train import causal_lm_logits
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 

@@ -14,7 +14,9 @@ from pipeline.lora.likelihood import answer_logprobs, offtask
 from pipeline.lora.tasks import Task
 
 OFFTASK_LEN = 64
-PROXY_STRIDE = 8  # the proxy's off-task measure runs the source once per position: every 8th is scored
+OFFTASK_STRIDE = 8
+"""Every system's off-task measure scores every 8th position, the same positions for all: the logit
+proxy runs the source once per scored position, and KLs are only comparable on one set of positions."""
 
 
 @dataclass
@@ -60,5 +62,5 @@ def score_system(model, tokenizer, task: Task, base_model, held: torch.Tensor | 
     off = None
     if held is not None and (model is not base_model or proxy):
         off = offtask(model, base_model, held, cfg.batch_size, shift=shift, tokenizer=tokenizer,
-                      stride=PROXY_STRIDE if proxy else 1)
+                      stride=OFFTASK_STRIDE)
     return SystemScore(em, ll, off)

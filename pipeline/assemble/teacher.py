@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.lora.train import causal_lm_logits, left_pad
+from pipeline.lora.batching import left_pad
+from pipeline.lora.train import causal_lm_logits
 
 
 @dataclass

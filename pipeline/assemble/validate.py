@@ -1,26 +1,27 @@
-"""`cast validate`: does the behaviour carry over? One report per task comparing
+"""`cast validate`: does the behaviour carry over? One report per task comparing the rows of
+SYSTEMS below (one entry each: its key, report row, --systems name and builder):
 
     target base | target + LoRA retrained on target (same recipe) | target + CAST (mlp heads)
     target + CAST (ridge heads) | target + CAST exported (the ridge bridge as a plain PEFT LoRA)
     target + weight-space transfer | target + logit proxy | source base | source + LoRA
 
-with recovery = (CAST - base) / (retrained - base) and ratio = CAST / retrained, each with
-a paired bootstrap interval over the test examples. JSON, Markdown and a bar chart.
+with recovery = (system - base) / (retrained - base) and ratio = system / retrained, exact match
+first, each with a paired bootstrap interval that resamples items where prompts share them
+(pipeline/assemble/report.py). JSON, Markdown and a bar chart.
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
+from typing import Callable
 
 from heads.headset import load_heads
 from pipeline.assemble.bridge import BridgeError, read_lora
-from pipeline.assemble.scoring import heldout_ids, score_system
-from storage.fs import as_path, writing
+from pipeline.assemble.report import write_report
+from pipeline.assemble.scoring import OFFTASK_LEN, heldout_ids, score_system
+from storage.fs import as_path
 
 
 @dataclass
@@ -37,8 +38,9 @@ class ValidateConfig:
     """Built-in task name; default: the task the adapter was trained on."""
     task_file: str | None = None
     """Test split as JSONL {"prompt", "answer"} (instead of --task)."""
-    task_seed: int = 0
-    """Seed of the built-in task's split (must match training to keep test prompts unseen)."""
+    task_seed: int | None = None
+    """Seed of the built-in task's split; default: the seed the adapter recorded (cast_lora.json), so the test
+    prompts are the ones it never trained on (another seed for the adapter's own task is refused)."""
     limit: int = 200
     """Test examples evaluated per system."""
     batch_size: int = 16
@@ -60,50 +62,186 @@ class ValidateConfig:
     systems: str = "all"
     """Systems scored besides the target base and the retrained reference (always: recovery needs them):
     'all' or a comma-separated subset of source, mlp, ridge, exported, weight-space, proxy (the logit proxy:
-    the target decoding with the source LoRA's change of log-probabilities; docs/design.md#the-logit-proxy)."""
+    the target decoding with the source LoRA's change of log-probabilities; docs/design.md#the-logit-proxy),
+    distilled (scored when --distilled is given)."""
     corpus: str = "nlp-corpus"
     """Generic text of the off-task measures (the built-in corpus, or a file, directory or glob)."""
     device: str | None = None
     """torch device; default CUDA when present, else CPU."""
 
 
-def paired_ratio_ci(x, base, ref, n_boot: int, seed: int = 0):
-    """Recovery and ratio with percentile intervals, resampling examples jointly."""
-    x, base, ref = (np.asarray(v, dtype=np.float64) for v in (x, base, ref))
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(x), size=(n_boot, len(x)))
-    mx, mb, mr = x[idx].mean(1), base[idx].mean(1), ref[idx].mean(1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rec = np.where(mr - mb > 0, (mx - mb) / (mr - mb), np.nan)
-        rat = np.where(mr > 0, mx / mr, np.nan)
+@dataclass(frozen=True)
+class System:
+    """One row of the report."""
 
-    def summary(point, samples):
-        ok = samples[np.isfinite(samples)]
-        lo, hi = (np.quantile(ok, [0.025, 0.975]) if len(ok) > n_boot // 2 else (np.nan, np.nan))
-        return {"value": point, "ci_low": float(lo), "ci_high": float(hi)}
-
-    dx, db, dr = x.mean(), base.mean(), ref.mean()
-    return (summary(float((dx - db) / (dr - db)) if dr > db else float("nan"), rec),
-            summary(float(dx / dr) if dr > 0 else float("nan"), rat))
-
-
-SYSTEMS = ("source", "mlp", "ridge", "exported", "weight-space", "proxy")
+    key: str
+    """Its name in report.json and its files (predictions/<key>.json, answer_ll/<key>.json)."""
+    label: str
+    """Its row in report.md and report.png."""
+    choice: str | None
+    """The --systems name that selects it; None: always scored (recovery is measured between them)."""
+    side: str
+    """'target' or 'source': the model whose tokenizer it reads and whose off-task KL it is measured against."""
+    build: Callable[["Run"], tuple]
+    """(model, logits processor or None) of the system, built from the run's artifacts."""
+    bridge: str | None = None
+    """The bridge kind it is built from: the adapter is checked against the heads before any decoding."""
+    transferred: bool = True
+    """Recovery is reported for it (not for the bases and the reference)."""
 
 
-def chosen_systems(cfg: ValidateConfig) -> set[str]:
-    chosen = set(SYSTEMS) if cfg.systems == "all" else {x.strip() for x in cfg.systems.split(",") if x.strip()}
-    if not chosen or chosen - set(SYSTEMS):
-        raise BridgeError(f"--systems {cfg.systems}: choose 'all' or from {', '.join(SYSTEMS)}")
-    return chosen
+@dataclass
+class Run:
+    """What the builders share: the config, the models' names and head set, the report
+    directory, the unwrapped base models, the bridged artifacts made so far (each built once)
+    and notes for report.json."""
+
+    cfg: ValidateConfig
+    out: Path
+    meta: dict
+    train_task: object
+    names: dict[str, str]
+    heads: object
+    bases: dict = field(default_factory=dict)
+    made: dict = field(default_factory=dict)
+    notes: dict = field(default_factory=dict)
+
+    def fresh(self, side: str):
+        """A new copy of that side's model: PEFT wraps models in place."""
+        from pipeline.cache.models import load_model
+
+        return load_model(self.names[side], device=self.cfg.device).model
+
+    def transfer(self, kind: str) -> Path:
+        from pipeline.assemble.transfer import TransferConfig, run_transfer
+
+        if kind not in self.made:
+            path = self.out / f"bridged-{kind}"
+            run_transfer(TransferConfig(adapter=self.cfg.adapter, heads=self.cfg.heads, out=str(path), kind=kind,
+                                        carry=self.cfg.carry, force=True))
+            self.made[kind] = path
+        return self.made[kind]
 
 
-def _ensure_retrained(cfg: ValidateConfig, meta: dict, target_name: str, task, out: Path) -> str:
+def _lora(side: str, adapter: Callable[[Run], str | Path]):
+    def build(run: Run):
+        from pipeline.lora.adapters import load_adapter
+
+        return load_adapter(run.fresh(side), adapter(run)), None
+    return build
+
+
+def _base(side: str):
+    return lambda run: (run.bases[side], None)
+
+
+def _bridged(kind: str):
+    def build(run: Run):
+        from pipeline.assemble.transfer import load_bridged
+
+        lm = load_bridged(run.transfer(kind), device=run.cfg.device)
+        return lm.model, lm.proxy
+    return build
+
+
+EXPORT_MODE = "absorb"
+"""How validate exports: the most faithful form that still merges into the weights (cast export's default)."""
+
+
+def _exported(run: Run) -> str:
+    """The ridge bridge folded into a plain PEFT LoRA, its fidelity to the bridge measured on the
+    off-task text and kept for the report: the row is this LoRA, not the bridge."""
+    from pipeline.assemble.export import ExportConfig, export_peft
+
+    path = run.out / "exported-lora"
+    cfg = run.cfg
+    info = export_peft(ExportConfig(bridged=str(run.transfer("ridge")), out=str(path), force=True, absorb=True,
+                                    bias=False, corpus=cfg.corpus, seq_len=OFFTASK_LEN,
+                                    eval_sequences=cfg.offtask_sequences, device=cfg.device), progress=False)
+    run.notes["exported"] = {"method": info["method"], "fidelity": info.get("fidelity")}
+    f = (info.get("fidelity") or {}).get("vs_bridged")
+    if f:
+        print(f"[cast] exported ({EXPORT_MODE}) against the ridge bridge: max |logit diff| {f['max_abs_logit_diff']:.4g}, "
+              f"top-1 agreement {f['top1_agreement']:.4f} over {f['tokens']} held-out tokens", file=sys.stderr)
+    return str(path)
+
+
+def _weightspace(run: Run) -> str:
+    from pipeline.assemble.weightspace import weightspace_adapter
+
+    path = run.out / "weightspace-lora"
+    weightspace_adapter(run.cfg.adapter, run.fresh("source"), run.fresh("target"), run.heads.mapping,
+                        path, run.cfg.carry)
+    return str(path)
+
+
+SYSTEMS = (
+    System("source-base", "source base", "source", "source", _base("source"), transferred=False),
+    System("source-lora", "source + LoRA", "source", "source", _lora("source", lambda r: r.cfg.adapter),
+           transferred=False),
+    System("target-base", "target base", None, "target", _base("target"), transferred=False),
+    System("retrained", "target + retrained LoRA", None, "target", _lora("target", lambda r: _ensure_retrained(r)),
+           transferred=False),
+    System("mlp", "target + CAST (mlp)", "mlp", "target", _bridged("mlp"), bridge="mlp"),
+    System("ridge", "target + CAST (ridge)", "ridge", "target", _bridged("ridge"), bridge="ridge"),
+    System("exported", f"target + CAST exported ({EXPORT_MODE})", "exported", "target", _lora("target", _exported),
+           bridge="ridge"),
+    System("weight-space", "target + weight-space", "weight-space", "target", _lora("target", _weightspace)),
+    System("proxy", "target + logit proxy", "proxy", "target", _bridged("proxy")),
+    System("distilled", "target + distilled LoRA", "distilled", "target", _lora("target", lambda r: r.cfg.distilled)),
+)
+"""Report rows in order; adding a system is one entry here."""
+CHOICES = tuple(dict.fromkeys(s.choice for s in SYSTEMS if s.choice))
+
+
+def chosen_systems(cfg: ValidateConfig) -> list[System]:
+    chosen = set(CHOICES) if cfg.systems == "all" else {x.strip() for x in cfg.systems.split(",") if x.strip()}
+    if not chosen or chosen - set(CHOICES):
+        raise BridgeError(f"--systems {cfg.systems}: choose 'all' or from {', '.join(CHOICES)}")
+    if "distilled" in chosen and not cfg.distilled and cfg.systems != "all":
+        raise BridgeError("--systems distilled needs --distilled DIR (a target LoRA from `cast distill`)")
+    return [s for s in SYSTEMS if (s.choice is None or s.choice in chosen) and (s.key != "distilled" or cfg.distilled)]
+
+
+def task_seed(cfg: ValidateConfig, meta: dict, task_name: str | None) -> int:
+    """The adapter's recorded seed for its own task: another would draw test prompts from its
+    training split. A task it was not trained on takes --task-seed (default 0)."""
+    recorded = meta["task"].get("seed") if meta["task"].get("name") == task_name else None
+    if recorded is None:
+        return cfg.task_seed or 0
+    if cfg.task_seed is not None and cfg.task_seed != recorded:
+        raise BridgeError(f"--task-seed {cfg.task_seed}: --adapter {cfg.adapter} was trained on {task_name} with "
+                          f"seed {recorded}, whose test split is the held-out one; omit --task-seed")
+    return recorded
+
+
+def refuse_overlap(task, examples: list, cfg: ValidateConfig, adapters: dict[str, str]) -> None:
+    """No score on prompts a scored adapter trained on: each adapter's recorded training
+    prompts (digests in cast_lora.json) must miss every test prompt. `adapters`: what to
+    call it in a message -> its directory."""
+    from pipeline.lora.adapters import read_adapter_meta
+    from pipeline.lora.evaluate import trained_on
+
+    for what, adapter in adapters.items():
+        meta = read_adapter_meta(adapter)
+        if meta is None or "train_prompt_keys" not in meta:
+            print(f"[cast] {what} records no training prompts: cannot check that the test prompts are held out",
+                  file=sys.stderr)
+        seen = trained_on(examples, meta)
+        if seen:
+            where = f"--task-file {cfg.task_file}" if cfg.task_file else f"task {task.name}"
+            raise BridgeError(f"{what} was trained on {len(seen)} of the {len(examples)} test prompts of {where} "
+                              f"(e.g. {seen[0]!r}); validate on prompts it never saw")
+
+
+def _ensure_retrained(run: Run) -> str:
     from pipeline.lora.train import LoraTrainConfig, train_lora
 
+    cfg, meta, target_name, task, out = run.cfg, run.meta, run.names["target"], run.train_task, run.out
     if cfg.retrained:
         return cfg.retrained
     path = out / "retrained-target-lora"
-    if (path / "adapter_model.safetensors").exists():
+    if (path / "adapter_model.safetensors").exists():  # checked against the test split by refuse_overlap
         return str(path)
     r = meta["recipe"]
     print(f"[cast] training the reference LoRA on {target_name} with the source recipe {r}", file=sys.stderr)
@@ -114,12 +252,11 @@ def _ensure_retrained(cfg: ValidateConfig, meta: dict, target_name: str, task, o
 
 
 def run_validate(cfg: ValidateConfig, progress: bool = True) -> dict:
-    from pipeline.lora.adapters import load_adapter, read_adapter_meta
+    from pipeline.lora.adapters import read_adapter_meta
     from pipeline.cache.models import load_model
+    from pipeline.lora.evaluate import resampling_unit
     from pipeline.lora.tasks import load_task
-    from pipeline.assemble.transfer import TransferConfig, check_adapter, load_bridged, run_transfer
-    from pipeline.assemble.weightspace import weightspace_adapter
-    from pipeline.assemble.export import ExportConfig, export_peft
+    from pipeline.assemble.transfer import check_adapter
 
     out = as_path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -129,160 +266,38 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> dict:
                           f"retrain the reference on the target; train it with `cast lora train`")
     hs = load_heads(cfg.heads)
     lw = read_lora(cfg.adapter)
-    chosen = chosen_systems(cfg)
-    bridges = [k for k in ("mlp", "ridge") if k in chosen or (k == "ridge" and "exported" in chosen)]
-    for kind in bridges:  # the bridges are built later: refuse now, before any decoding
+    systems = chosen_systems(cfg)
+    for kind in dict.fromkeys(s.bridge for s in systems if s.bridge):  # built later: refuse now, before decoding
         check_adapter(cfg.adapter, lw, hs, kind)
     task_name = cfg.task or (None if cfg.task_file else meta["task"]["name"])
-    task = load_task(task_name, cfg.task_file, split="test", seed=cfg.task_seed)
-    train_task = load_task(task_name, None, split="train", seed=cfg.task_seed) if task_name else None
+    seed = task_seed(cfg, meta, task_name)
+    task = load_task(task_name, cfg.task_file, split="test", seed=seed)
+    examples = task.test[:cfg.limit]
+    adapters = {f"--adapter {cfg.adapter}": cfg.adapter}
+    kept = out / "retrained-target-lora"  # an earlier run's reference, perhaps trained on another split
+    if cfg.retrained:
+        adapters[f"--retrained {cfg.retrained}"] = cfg.retrained
+    elif (kept / "adapter_config.json").exists():
+        adapters[f"the reference LoRA kept in {kept} (delete it to retrain)"] = str(kept)
+    refuse_overlap(task, examples, cfg, adapters)
+    train_task = load_task(task_name, None, split="train", seed=seed) if task_name else None
     if train_task is None and cfg.retrained is None:  # refused before minutes of decoding, not after
         raise BridgeError("--task-file gives only a test split: pass --retrained with a target LoRA trained "
                           "on the matching training file")
-    src_name, tgt_name = hs.source["model"], hs.target["model"]
+    run = Run(cfg, out, meta, train_task, {"source": hs.source["model"], "target": hs.target["model"]}, hs)
     t0 = time.perf_counter()
-    results = {}
     # Unwrapped copies: the off-task KL is measured against them, and PEFT wraps models in place.
-    # The source side is loaded (and its held-out text tokenized) only when its rows are scored.
-    sides = ("source", "target") if "source" in chosen else ("target",)
-    ref = {side: load_model(hs.index["inputs"][side]["model"], device=cfg.device) for side in sides}
+    # The source side is loaded (and its held-out text tokenized) only when one of its rows is scored.
+    ref = {side: load_model(hs.index["inputs"][side]["model"], device=cfg.device)
+           for side in dict.fromkeys(s.side for s in systems)}
     held = {side: heldout_ids(cfg, lm.tokenizer, [hs.source, hs.target]) for side, lm in ref.items()}
-
-    def score(label: str, lm_model, tok, proxy=None) -> None:
-        side = label.split()[0]
-        results[label] = score_system(lm_model, tok, task, ref[side].model, held[side], cfg, progress, proxy)
-        print(f"[cast] {label:<28} {results[label].summary()}", file=sys.stderr)
-
-    tgt = ref["target"]
-    if "source" in chosen:
-        src = ref["source"]
-        score("source base", src.model, src.tokenizer)
-        score("source + LoRA", load_adapter(load_model(src_name, device=cfg.device).model, cfg.adapter),
-              src.tokenizer)
-    score("target base", tgt.model, tgt.tokenizer)
-    retrained = _ensure_retrained(cfg, meta, tgt_name, train_task, out)
-    score("target + retrained LoRA", load_adapter(load_model(tgt_name, device=cfg.device).model, retrained),
-          tgt.tokenizer)
-    for kind in bridges:
-        path = out / f"bridged-{kind}"
-        run_transfer(TransferConfig(adapter=cfg.adapter, heads=cfg.heads, out=str(path), kind=kind,
-                                    carry=cfg.carry, force=True))
-        if kind in chosen:
-            bridged = load_bridged(path, device=cfg.device)
-            score(f"target + CAST ({kind})", bridged.model, bridged.tokenizer)
-    if "exported" in chosen:  # the ridge bridge folded into a plain PEFT LoRA: does serving it keep the behaviour?
-        export_peft(ExportConfig(bridged=str(out / "bridged-ridge"), out=str(out / "exported-lora"), force=True,
-                                 eval_sequences=0, device=cfg.device))
-        score("target + CAST exported",
-              load_adapter(load_model(tgt_name, device=cfg.device).model, out / "exported-lora"), tgt.tokenizer)
-    if "weight-space" in chosen:
-        ws_path = out / "weightspace-lora"
-        # Fresh copies: PEFT wrapped the models above in place.
-        weightspace_adapter(cfg.adapter, load_model(src_name, device=cfg.device).model,
-                            load_model(tgt_name, device=cfg.device).model, hs.mapping, ws_path, cfg.carry)
-        score("target + weight-space", load_adapter(load_model(tgt_name, device=cfg.device).model, ws_path),
-              tgt.tokenizer)
-    if "proxy" in chosen:
-        run_transfer(TransferConfig(adapter=cfg.adapter, heads=cfg.heads, out=str(out / "bridged-proxy"), kind="proxy",
-                                    force=True))
-        proxied = load_bridged(out / "bridged-proxy", device=cfg.device)
-        score("target + logit proxy", proxied.model, proxied.tokenizer, proxied.proxy)
-    if cfg.distilled:  # what a user can serve without the source
-        score("target + distilled LoRA", load_adapter(load_model(tgt_name, device=cfg.device).model, cfg.distilled),
-              tgt.tokenizer)
-    return write_report(cfg, task.name, results, out, time.perf_counter() - t0, src_name, tgt_name)
-
-
-def write_report(cfg, task_name: str, results: dict, out: Path, seconds: float, src_name: str, tgt_name: str) -> dict:
-    from pipeline.lora.tasks import task_group
-
-    base, ref = results["target base"], results["target + retrained LoRA"]
-    derived = {}
-    for k, r in results.items():
-        if not k.startswith("target + ") or r is ref:
-            continue
-        derived[k] = {"ll_recovery": paired_ratio_ci(r.ll, base.ll, ref.ll, cfg.n_boot)[0]}
-        if r.em:
-            rec, rat = paired_ratio_ci(*(_correct(x) for x in (r, base, ref)), cfg.n_boot)
-            derived[k].update(recovery=rec, ratio=rat)
-    report = {"task": task_name, "group": task_group(task_name), "source": src_name, "target": tgt_name,
-              "n": len(base.ll), "seconds": seconds, "config": asdict(cfg),
-              "systems": {k: r.as_json() for k, r in results.items()}, "transfer": derived}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    for k, r in results.items():
-        name = k.replace(' ', '_').replace('+', 'plus').replace('(', '').replace(')', '')
-        if r.em:
-            r.em.to_json(out / "predictions" / f"{name}.json")
-        (out / "answer_ll" / f"{name}.json").parent.mkdir(parents=True, exist_ok=True)
-        (out / "answer_ll" / f"{name}.json").write_text(json.dumps([round(float(v), 4) for v in r.ll]))
-    (out / "report.md").write_text(format_report(report))
-    if cfg.decode:
-        plot_report(report, out / "report.png")
-    return report
-
-
-def _correct(score) -> list[float]:
-    return [float(p["correct"]) for p in score.em.predictions]
-
-
-def _fmt(d: dict | None) -> str:
-    if not d:
-        return ""
-    v = d["value"]
-    return "n/a" if v != v else f"{v:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}]"
-
-
-def format_report(report: dict) -> str:
-    group = f", {report['group']} task" if report.get("group") else ""
-    lines = [f"## {report['task']}: {report['source']} -> {report['target']} ({report['n']} test examples{group})",
-             "", "| system | exact match [95% CI] | EM recovery [95% CI] | answer LL | LL recovery [95% CI] "
-             "| off-task ppl | KL to base |", "|---|---|---|---|---|---|---|"]
-    for k, s in report["systems"].items():
-        t = report["transfer"].get(k, {})
-        em = f"{s['exact_match']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]" if "exact_match" in s else "-"
-        off = s.get("offtask") or {}
-        ppl, kl = (f"{off['perplexity']:.2f}", f"{off['kl_to_base']:.4f}") if off else ("", "")
-        ll = f"{s['answer_ll']:.3f}" if "answer_ll" in s else ""
-        lines.append(f"| {k} | {em} | {_fmt(t.get('recovery'))} | {ll} | {_fmt(t.get('ll_recovery'))} | {ppl} | {kl} |")
-    lines += ["", "recovery = (system - target base) / (retrained - target base), for exact match and for the "
-              "answer's log-likelihood (teacher-forced, answer + eos); n/a where the retrained LoRA does not beat "
-              "the base. Off-task: perplexity and KL(base || system) per token on held-out generic text."]
-    return "\n".join(lines) + "\n"
-
-
-def format_summary(reports: list[dict]) -> str:
-    """Every task's transferred systems in one table, form tasks apart from skill tasks."""
-    lines = ["| task | group | system | exact match | EM recovery [95% CI] | LL recovery [95% CI] | KL to base |",
-             "|---|---|---|---|---|---|---|"]
-    for r in sorted(reports, key=lambda r: (r.get("group", ""), r["task"])):
-        for k, t in r["transfer"].items():
-            s = r["systems"][k]
-            em = f"{s['exact_match']:.2f}" if "exact_match" in s else "-"
-            kl = f"{s['offtask']['kl_to_base']:.3f}" if s.get("offtask") else ""
-            lines.append(f"| {r['task']} | {r.get('group', '')} | {k} | {em} | {_fmt(t.get('recovery')) or '-'} | "
-                         f"{_fmt(t.get('ll_recovery'))} | {kl} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot_report(report: dict, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(report["systems"])
-    names = [n for n in names if "exact_match" in report["systems"][n]]
-    em = [report["systems"][n]["exact_match"] for n in names]
-    err = [[e - report["systems"][n]["ci_low"] for n, e in zip(names, em)],
-           [report["systems"][n]["ci_high"] - e for n, e in zip(names, em)]]
-    colours = ["#999999" if n.startswith("source") else "#4c72b0" if "CAST" in n else "#dd8452" for n in names]
-    fig, ax = plt.subplots(figsize=(9, 4))
-    ax.bar(range(len(names)), em, yerr=err, color=colours, capsize=3)
-    ax.set_xticks(range(len(names)), names, rotation=25, ha="right")
-    ax.set_ylabel("exact match")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"{report['task']}: {report['source']} -> {report['target']}")
-    fig.tight_layout()
-    with writing(png) as where:  # png may be on object storage: matplotlib writes locally
-        fig.savefig(where, dpi=110)
-    plt.close(fig)
+    run.bases = {side: lm.model for side, lm in ref.items()}
+    results = {}
+    for s in systems:
+        model, proxy = s.build(run)
+        lm = ref[s.side]
+        results[s.key] = score_system(model, lm.tokenizer, task, lm.model, held[s.side], cfg, progress, proxy)
+        print(f"[cast] {s.label:<34} {results[s.key].summary()}", file=sys.stderr)
+    resampled = resampling_unit(examples) | {"groups": [e.unit for e in examples]}
+    return write_report(cfg, task.name, systems, results, out, time.perf_counter() - t0, run.names["source"],
+                        run.names["target"], resampled, run.notes)

@@ -1,4 +1,5 @@
-"""Exact-match evaluation by batched greedy decoding, with a bootstrap 95 % interval.
+"""Exact-match evaluation by batched greedy decoding, with a bootstrap 95 % interval that
+resamples items (a form task's country under every frame) where prompts share them.
 
 `evaluate_model` takes any already-built model that has the Hugging Face `generate`
 interface (a plain model, a PeftModel, or the bridged target model with its hooks),
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.lora.batching import left_pad
 from pipeline.lora.tasks import Example, Task, load_task, prompt_key
 from storage.fs import as_path
 
@@ -66,13 +68,14 @@ class EvalResult:
     exact_match: float
     """correct / n."""
     ci_low: float
-    """Lower end of the bootstrap 95-percent interval of exact_match."""
+    """Lower end of the bootstrap 95-percent interval of exact_match (resampling items: see resampled_means)."""
     ci_high: float
     """Upper end of the bootstrap 95-percent interval."""
     seconds: float = 0.0
     """Decoding wall time."""
     predictions: list[dict] = field(default_factory=list)
-    """Per example: prompt, answer, prediction (cut at the first newline), raw output, correct."""
+    """Per example: prompt, item (the unit the interval resamples), answer, prediction (cut at the
+    first newline), raw output, correct."""
     meta: dict = field(default_factory=dict)
     """Model, adapter and task provenance."""
 
@@ -86,15 +89,46 @@ class EvalResult:
         path.write_text(json.dumps(asdict(self), indent=1))
 
 
-def bootstrap_ci(correct: list[bool], n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap over examples."""
-    x = np.asarray(correct, dtype=np.float64)
-    if x.size == 0:
+def group_index(groups: list[str] | None, n: int) -> np.ndarray:
+    """(n,) index of each example's group, numbered in order of first appearance (None:
+    every example its own group, which makes the grouped bootstrap the plain one exactly)."""
+    if groups is None:
+        return np.arange(n)
+    if len(groups) != n:
+        raise ValueError(f"{len(groups)} group ids for {n} examples")
+    first: dict = {}
+    return np.array([first.setdefault(g, len(first)) for g in groups], dtype=np.int64)
+
+
+def resampled_means(values: list, groups: list[str] | None, n_boot: int, seed: int = 0) -> list[np.ndarray]:
+    """Cluster bootstrap: (n_boot,) means of each array over whole groups drawn with replacement,
+    the same draws for every array (paired across systems). Examples that share an item (one
+    country under three frames) are one draw: resampling them apart would treat correlated
+    answers as independent evidence and make the interval too narrow."""
+    xs = [np.asarray(v, dtype=np.float64) for v in values]
+    g = group_index(groups, len(xs[0]))
+    n_groups = int(g.max()) + 1
+    counts = np.bincount(g, minlength=n_groups).astype(np.float64)
+    idx = np.random.default_rng(seed).integers(0, n_groups, size=(n_boot, n_groups))
+    size = counts[idx].sum(1)  # examples in each resample: groups may differ in size
+    return [np.bincount(g, weights=x, minlength=n_groups)[idx].sum(1) / size for x in xs]
+
+
+def bootstrap_ci(correct: list[bool], n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+                 groups: list[str] | None = None) -> tuple[float, float]:
+    """Percentile bootstrap of the mean, resampling `groups` (default: each example alone)."""
+    if len(correct) == 0:
         return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    means = resampled_means([correct], groups, n_boot, seed)[0]
     a = (1 - level) / 2
     return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def resampling_unit(examples: list[Example]) -> dict:
+    """What the intervals resample, for reports: items when prompts share them, else examples."""
+    items = len({e.unit for e in examples})
+    unit = "item" if items < len(examples) else "example"
+    return {"unit": unit, "count": items if unit == "item" else len(examples), "examples": len(examples)}
 
 
 def extract_answer(raw: str, reference: str) -> str:
@@ -113,10 +147,10 @@ def score_predictions(task: Task, examples: list[Example], raws: list[str], n_bo
     preds = []
     for ex, raw in zip(examples, raws):
         pred = extract_answer(raw, ex.answer)
-        preds.append({"prompt": ex.prompt, "answer": ex.answer, "prediction": pred, "raw": raw,
+        preds.append({"prompt": ex.prompt, "item": ex.unit, "answer": ex.answer, "prediction": pred, "raw": raw,
                       "correct": task.is_correct(pred, ex.answer)})
     ok = [p["correct"] for p in preds]
-    lo, hi = bootstrap_ci(ok, n_boot, seed)
+    lo, hi = bootstrap_ci(ok, n_boot, seed, groups=[e.unit for e in examples])
     return EvalResult(task.name, len(ok), sum(ok), sum(ok) / len(ok), lo, hi, predictions=preds)
 
 
@@ -144,12 +178,8 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, b
     try:
         for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, file=sys.stderr):
             idx = order[s:s + batch_size]
-            W = max(len(enc[i]) for i in idx)
-            ids = torch.full((len(idx), W), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), W), dtype=torch.long)
-            for r, i in enumerate(idx):  # left padding: every prompt ends in column W-1
-                ids[r, W - len(enc[i]):] = torch.tensor(enc[i])
-                mask[r, W - len(enc[i]):] = 1
+            ids, mask, _ = left_pad([enc[i] for i in idx], pad)  # generate() derives the positions from the mask
+            W = ids.shape[1]
             extra = ({"logits_processor": logits_processor if isinstance(logits_processor, LogitsProcessorList)
                       else LogitsProcessorList([logits_processor])} if logits_processor else {})
             gen_ids = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
@@ -178,13 +208,19 @@ def evaluate_model(model, tokenizer, task: Task, *, limit: int | None = None, ba
     res = score_predictions(task, examples, raws, n_boot, seed)
     res.seconds = time.perf_counter() - t0
     res.meta = {"task": {"name": task.name, "normalise": task.normalise, **task.source},
-                "max_new_tokens": max_new_tokens, "n_boot": n_boot, "seed": seed}
+                "max_new_tokens": max_new_tokens, "n_boot": n_boot, "seed": seed,
+                "resampled": resampling_unit(examples)}
     return res
 
 
-def check_overlap(task: Task, examples: list[Example], adapter_meta: dict | None, adapter: str) -> None:
+def trained_on(examples: list[Example], adapter_meta: dict | None) -> list[str]:
+    """The prompts among `examples` whose digests the adapter recorded as training data."""
     keys = set((adapter_meta or {}).get("train_prompt_keys", ()))
-    seen = [e.prompt for e in examples if prompt_key(e.prompt) in keys]
+    return [e.prompt for e in examples if prompt_key(e.prompt) in keys]
+
+
+def check_overlap(task: Task, examples: list[Example], adapter_meta: dict | None, adapter: str) -> None:
+    seen = trained_on(examples, adapter_meta)
     if seen:
         raise ValueError(f"{len(seen)} of {len(examples)} test prompts of {task.name} were in the "
                          f"training data of --adapter {adapter} (e.g. {seen[0]!r}); evaluate on "

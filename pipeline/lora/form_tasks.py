@@ -82,17 +82,18 @@ def split_items(items: list[str], name: str, seed: int, test_fraction: float = 0
 
 
 def _space(name: str, table: dict[str, str], frames: tuple[str, ...], split: str,
-           seed: int) -> list[tuple[str, str]]:
-    """(prompt, answer) pairs of one split, every frame of every item, in a seeded order."""
+           seed: int) -> list[tuple[str, str, str]]:
+    """(prompt, answer, item) of one split, every frame of every item, in a seeded order.
+    The item travels with each prompt: a country's three frames are one draw, not three."""
     items = split_items(list(table), name, seed)[split]
-    out = [(f.format(x=x), table[x]) for x in items for f in frames]
+    out = [(f.format(x=x), table[x], x) for x in items for f in frames]
     random.Random(f"{name}/{seed}/{split}").shuffle(out)
     return out
 
 
-def capital_space(split: str, seed: int) -> list[tuple[str, str]]:
+def capital_space(split: str, seed: int) -> list[tuple[str, str, str]]:
     return _space("capital", CAPITALS, CAPITAL_FRAMES, split, seed)
 
 
-def plural_space(split: str, seed: int) -> list[tuple[str, str]]:
+def plural_space(split: str, seed: int) -> list[tuple[str, str, str]]:
     return _space("plural", PLURALS, PLURAL_FRAMES, split, seed)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from pipeline.lora.tasks import Example, Task
+from pipeline.lora.batching import continuation_rows
 from pipeline.lora.train import causal_lm_logits, collate, encode_pairs
 
 
@@ -34,10 +35,7 @@ def answer_logprobs(model, tokenizer, task: Task, examples: list[Example], batch
     try:
         for s in range(0, len(pairs), batch_size):
             batch = collate(pairs[s:s + batch_size], pad)
-            P = batch["prompt_width"]
-            sel = batch["target"][:, P:]
-            select = torch.zeros_like(batch["target"])
-            select[:, P - 1:-1] = sel  # column P-1+j predicts token P+j
+            select = continuation_rows(batch["target"], batch["prompt_width"])
             logits = causal_lm_logits(model, select.to(device), input_ids=batch["input_ids"].to(device),
                                       attention_mask=batch["attention_mask"].to(device),
                                       position_ids=batch["position_ids"].to(device))
@@ -45,9 +43,11 @@ def answer_logprobs(model, tokenizer, task: Task, examples: list[Example], batch
                 texts = [examples[s + i].prompt + tokenizer.decode(c[:j]) for i, (_, c) in
                          enumerate(pairs[s:s + batch_size]) for j in range(len(c))]
                 logits = logits + shift(texts, logits.shape[-1]).to(logits.device)
-            tok = logits.log_softmax(-1).gather(-1, batch["input_ids"][:, P:][sel].to(device)[:, None])[:, 0]
-            row = torch.arange(len(sel))[:, None].expand_as(sel)[sel]  # which example each token belongs to
-            out[s:s + len(sel)] = torch.zeros(len(sel), dtype=torch.float64).index_add_(0, row, tok.double().cpu()).numpy()
+            target = batch["target"]
+            tok = logits.log_softmax(-1).gather(-1, batch["input_ids"][target].to(device)[:, None])[:, 0]
+            row = torch.arange(len(target))[:, None].expand_as(target)[target]  # which example each token belongs to
+            out[s:s + len(target)] = torch.zeros(len(target), dtype=torch.float64).index_add_(
+                0, row, tok.double().cpu()).numpy()
     finally:
         model.train(was_training)
     return out

@@ -42,6 +42,14 @@ class Example:
     """Plain text fed to the model as is."""
     answer: str
     """The reference answer (compared after the task's normalisation)."""
+    item: str = ""
+    """The independent unit the example was drawn from: examples that share it (one country
+    under three frames) are not independent, so intervals resample items, not prompts
+    (pipeline/lora/evaluate.py). Empty: the example is its own item."""
+
+    @property
+    def unit(self) -> str:
+        return self.item or self.prompt
 
 
 # ----------------------------------------------------------------------------- normalisation
@@ -173,8 +181,8 @@ class BuiltinTask:
     description: str
     group: str = "skill"
     """'skill' or 'form'."""
-    space: Callable[[str, int], list[tuple[str, str]]] | None = None
-    """Form tasks: every (prompt, answer) of a split for a seed, items disjoint across splits."""
+    space: Callable[[str, int], list[tuple[str, str, str]]] | None = None
+    """Form tasks: every (prompt, answer, item) of a split for a seed, items disjoint across splits."""
 
 
 BUILTINS: dict[str, BuiltinTask] = {
@@ -219,8 +227,8 @@ def builtin_task(name: str, seed: int = 0, n_train: int = 2000, n_test: int = 20
                         f"or pass your own data with --task-file FILE.jsonl")
     spec = BUILTINS[name]
     if spec.space is not None:  # a small, enumerable space: take it whole, up to n
-        test = [Example(p, a) for p, a in spec.space("test", seed)[:n_test]]
-        train = [Example(p, a) for p, a in spec.space("train", seed)[:n_train]]
+        test = [Example(*t) for t in spec.space("test", seed)[:n_test]]
+        train = [Example(*t) for t in spec.space("train", seed)[:n_train]]
     else:  # separate streams so the test set does not depend on n_train
         test = _draw_unique(spec.make, random.Random(f"{name}/{seed}/test"), n_test, set(), name)
         train = _draw_unique(spec.make, random.Random(f"{name}/{seed}/train"), n_train,
@@ -235,7 +243,8 @@ def builtin_task(name: str, seed: int = 0, n_train: int = 2000, n_test: int = 20
 
 
 def read_jsonl(path: str | Path) -> list[Example]:
-    """Read {"prompt": str, "answer": str} records, one per line; blank lines are skipped."""
+    """Read {"prompt": str, "answer": str} records, one per line; blank lines are skipped.
+    An optional "item" names the independent unit prompts share (see Example.item)."""
     p = Path(path)
     if not p.is_file():
         raise TaskError(f"task file {p}: not found (expected JSONL with one "
@@ -261,7 +270,10 @@ def read_jsonl(path: str | Path) -> list[Example]:
                                     f"got {type(rec[key]).__name__}")
             if not rec["prompt"].strip() or not rec["answer"].strip():
                 raise TaskError(f"{p}:{lineno}: empty prompt or answer")
-            out.append(Example(rec["prompt"], rec["answer"]))
+            if not isinstance(rec.get("item", ""), str):
+                raise TaskError(f"{p}:{lineno}: field 'item' (prompts that share it are resampled together) "
+                                f"must be a string, got {type(rec['item']).__name__}")
+            out.append(Example(rec["prompt"], rec["answer"], rec.get("item", "")))
     if not out:
         raise TaskError(f"task file {p}: no records (the file is empty)")
     return out

@@ -19,6 +19,7 @@ import torch
 
 from pipeline.cache.models import LoadedModel, load_model
 from pipeline.lora.adapters import CAST_FILE, LoraError, parse_targets
+from pipeline.lora.batching import continuation_rows, left_pad
 from pipeline.lora.tasks import Example, Task, load_task, prompt_key
 from storage.files import atomic_path
 from storage.fs import as_path
@@ -112,31 +113,18 @@ def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, 
     """Prompts left-padded, continuations right-padded: every continuation starts in the
     same column, so only the logits from there on are computed (Gemma's 262k-row LM head
     would otherwise dominate the step)."""
-    P = max(len(p) for p, _ in pairs)
-    C = max(len(c) for _, c in pairs)
-    B = len(pairs)
-    ids = torch.full((B, P + C), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, P + C), dtype=torch.long)
-    target = torch.zeros((B, P + C), dtype=torch.bool)
-    for i, (p, c) in enumerate(pairs):
-        ids[i, P - len(p):P] = torch.tensor(p)
-        ids[i, P:P + len(c)] = torch.tensor(c)
-        mask[i, P - len(p):P + len(c)] = 1
-        target[i, P:P + len(c)] = True
-    # Positions count real tokens only, as generate() does with left padding.
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "target": target, "prompt_width": P}
-
-
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ids, attention mask, position ids) with every sequence ending in the last column;
-    positions count real tokens only, as generate() does with left padding."""
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):], mask[i, width - len(s):] = torch.tensor(s, dtype=torch.long), 1
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+    p_ids, p_mask, p_pos = left_pad([p for p, _ in pairs], pad_id)
+    P, C = p_ids.shape[1], max(len(c) for _, c in pairs)
+    c_ids = torch.full((len(pairs), C), pad_id, dtype=torch.long)
+    c_mask = torch.zeros((len(pairs), C), dtype=torch.long)
+    for i, (_, c) in enumerate(pairs):
+        c_ids[i, :len(c)], c_mask[i, :len(c)] = torch.tensor(c), 1
+    # A continuation's positions go on from its own prompt's last one, as generate() counts them.
+    c_pos = p_pos[:, -1:] + 1 + torch.arange(C)
+    return {"input_ids": torch.cat([p_ids, c_ids], 1), "attention_mask": torch.cat([p_mask, c_mask], 1),
+            "position_ids": torch.cat([p_pos, c_pos], 1), "target": torch.cat([torch.zeros_like(p_mask, dtype=torch.bool),
+                                                                             c_mask.bool()], 1),
+            "prompt_width": P}
 
 
 def causal_lm_logits(model: torch.nn.Module, select: torch.Tensor | None = None, **inputs) -> torch.Tensor:
@@ -162,14 +150,10 @@ def causal_lm_logits(model: torch.nn.Module, select: torch.Tensor | None = None,
 
 def answer_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Mean cross-entropy over continuation tokens (answer + eos) only."""
-    P = batch["prompt_width"]
-    tgt = batch["input_ids"][:, P:]
-    sel = batch["target"][:, P:]
-    select = torch.zeros_like(batch["target"])
-    select[:, P - 1:-1] = sel  # column P-1+j predicts token P+j
+    select = continuation_rows(batch["target"], batch["prompt_width"])
     logits = causal_lm_logits(model, select, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                               position_ids=batch["position_ids"])
-    return torch.nn.functional.cross_entropy(logits, tgt[sel])
+    return torch.nn.functional.cross_entropy(logits, batch["input_ids"][batch["target"]])
 
 
 def _schedule(steps: int):

@@ -14,12 +14,25 @@ from storage.artifacts import HEADS_KIND
 
 def identity_heads(root: Path, model_name: str, kind: str, sites: list[str]) -> Path:
     """A head set mapping model_name onto itself with identity heads at every layer;
-    kind "mlp,ridge" makes both kinds."""
+    kind "mlp,ridge" makes both kinds.
+
+    An mlp head here is the identity only as a whole: its MLP is a real nonlinear path and its
+    skip path is not the identity. gelu(z) - gelu(-z) = z, so with up = [U; -U] and
+    down = [V, -V] the MLP adds exactly V·U·x, and the skip path is I - V·U. Code that
+    skipped the MLP, or applied an mlp head's linear path alone, breaks the identity."""
     def make(head: ProjectionHead, g: torch.Generator) -> None:
-        head.linear.weight.copy_(torch.eye(head.cfg.in_dim))
+        d, h = head.cfg.in_dim, head.cfg.hidden // 2
         head.linear.bias.zero_()
-        if head.cfg.kind == "mlp":  # a nonzero MLP whose effect cancels in D(y+d)-D(y) only if d=0
-            head.up.weight.normal_()
+        if head.cfg.kind == "ridge":
+            head.linear.weight.copy_(torch.eye(d))
+            return
+        u = torch.randn(h, d, generator=g) * 0.5
+        v = torch.randn(d, h, generator=g) * 0.5 / h ** 0.5
+        head.up.weight.copy_(torch.cat([u, -u]))
+        head.up.bias.zero_()
+        head.down.weight.copy_(torch.cat([v, -v], dim=1))
+        head.down.bias.zero_()
+        head.linear.weight.copy_(torch.eye(d) - v @ u)
 
     n = len(get_layer_list(load_model(model_name).model)[1])
     return _head_set(root, model_name, model_name, kind, sites, {i: i for i in range(n)}, make)

@@ -101,3 +101,31 @@ def test_layer_assignment_carries_every_source_layer():
     allm = assign_layers(list(range(10)), mapping, "all")
     assert sorted(s for v in allm.values() for s in v) == list(range(10))
     assert allm == {0: [0, 1, 2], 1: [3, 4, 5, 6], 2: [7, 8, 9]}
+
+
+def test_the_mlp_fixture_is_the_identity_only_through_its_mlp(tmp_path):
+    # What makes the mlp case above able to fail: the skip path alone is far from the identity.
+    from heads.modules import ProjectionHead
+
+    identity_heads(tmp_path / "heads", "tiny-llama", "mlp", ["attn_in"])
+    head = ProjectionHead.load(tmp_path / "heads" / "encoder" / "attn_in" / "T00-S00.mlp")
+    x = torch.randn(5, head.cfg.in_dim, generator=torch.Generator().manual_seed(0)) * 3
+    with torch.no_grad():
+        torch.testing.assert_close(head(x), x, rtol=1e-4, atol=1e-4)
+        assert (head.linear_change(x) - x).abs().max() > 0.5
+
+
+def test_a_ridge_head_s_linear_change_is_its_response_to_a_difference():
+    from heads.modules import HeadConfig, ProjectionHead
+
+    g = torch.Generator().manual_seed(0)
+    head = ProjectionHead(HeadConfig(kind="ridge", in_dim=6, out_dim=4))
+    with torch.no_grad():
+        for t in (head.linear.weight, head.linear.bias, head.in_mean, head.out_mean):
+            t.copy_(torch.randn(t.shape, generator=g))
+        head.in_std.copy_(torch.rand(6, generator=g) + 0.5)
+        head.out_std.copy_(torch.rand(4, generator=g) + 0.5)
+        x, d = torch.randn(3, 6, generator=g), torch.randn(3, 6, generator=g)
+        torch.testing.assert_close(head.linear_change(d), head(x + d) - head(x), rtol=1e-5, atol=1e-5)
+        m, k = head.affine()
+        torch.testing.assert_close((x.double() @ m.T + k).float(), head(x), rtol=1e-5, atol=1e-5)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import torch
 from jobs.cli import main
 from pipeline.cache.models import load_model
 from pipeline.lora.adapters import load_adapter
+from pipeline.lora.tasks import builtin_task
 from tests.pipeline.assemble.bridge_fixtures import identity_heads, random_adapter, sites_for
 
 PROMPTS = ["12+34=", "7+8="]
@@ -98,25 +100,35 @@ def test_validate_on_a_self_bridge_reproduces_the_lora(made, tmp_path, capsys, c
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert report["n"] == 8 and "| target + CAST (mlp) |" in stdout
+    # Exact-match recovery leads the table; the answer LL's recovery follows.
+    assert "| system | EM recovery [95% CI] | exact match [95% CI] | LL recovery [95% CI] |" in stdout
+    assert report["resampled"] == {"unit": "example", "count": 8, "examples": 8}
     preds = {f.stem: [p["prediction"] for p in json.loads(f.read_text())["predictions"]]
              for f in (out / "predictions").glob("*.json")}
-    lora = preds.pop("source_plus_LoRA")
-    assert lora != preds["source_base"]  # the LoRA changes what the model says
-    for system in ("target_plus_CAST_mlp", "target_plus_CAST_ridge", "target_plus_CAST_exported",
-                   "target_plus_retrained_LoRA", "target_plus_weight-space", "target_plus_logit_proxy"):
+    lora = preds.pop("source-lora")
+    assert lora != preds["source-base"]  # the LoRA changes what the model says
+    assert set(preds) == {"source-base", "target-base", "retrained", "mlp", "ridge", "exported", "weight-space",
+                          "proxy"}
+    for system in ("mlp", "ridge", "exported", "retrained", "weight-space", "proxy"):
         assert preds[system] == lora, system
     assert (out / "bridged-mlp" / "manifest.json").exists() and (out / "report.png").stat().st_size > 0
+    # The exported row names how the constant term was handled, and how faithful the export is.
+    exported = report["systems"]["exported"]
+    assert exported["label"] == "target + CAST exported (absorb)" and "| target + CAST exported (absorb) |" in stdout
+    assert "absorbed into one more rank" in exported["method"]
+    assert exported["fidelity"]["vs_bridged"]["top1_agreement"] == 1.0
+    assert "against the bridge it was exported from" in stdout
     # The continuous measures agree: every transferred system scores the answers as the
-    # source + LoRA does, and moves off-task text away from its base as much.
+    # source + LoRA does, and moves off-task text away from its base as much, measured at the
+    # same positions for every system (the proxy included).
     systems = report["systems"]
-    want = systems["source + LoRA"]
-    assert want["answer_ll"] > systems["source base"]["answer_ll"] + 1.0
-    assert want["offtask"]["kl_to_base"] > 1e-4 and systems["target base"]["offtask"] is None
-    for name in ("target + CAST (mlp)", "target + CAST (ridge)", "target + weight-space", "target + logit proxy"):
+    want = systems["source-lora"]
+    assert want["answer_ll"] > systems["source-base"]["answer_ll"] + 1.0
+    assert want["offtask"]["kl_to_base"] > 1e-4 and systems["target-base"]["offtask"] is None
+    for name in ("mlp", "ridge", "weight-space", "proxy"):
+        assert systems[name]["offtask"]["tokens"] == want["offtask"]["tokens"], name
         assert systems[name]["answer_ll"] == pytest.approx(want["answer_ll"], abs=1e-3), name
-        if name != "target + logit proxy":  # which scores every 8th position only (it runs the source per position)
-            assert systems[name]["offtask"]["kl_to_base"] == pytest.approx(want["offtask"]["kl_to_base"], rel=1e-2)
-        assert systems[name]["offtask"]["kl_to_base"] > 1e-4
+        assert systems[name]["offtask"]["kl_to_base"] == pytest.approx(want["offtask"]["kl_to_base"], rel=1e-2), name
         assert report["transfer"][name]["ll_recovery"]["value"] == pytest.approx(1.0, abs=1e-3)
     assert "| LL recovery [95% CI] |" in stdout
 
@@ -128,13 +140,12 @@ def test_validate_without_decoding_keeps_the_continuous_measures(made, tmp_path,
                           "--retrained", made["lora"], "--systems", "ridge,proxy")
     assert code == 0
     report = json.loads((out / "report.json").read_text())
-    assert set(report["systems"]) == {"target base", "target + retrained LoRA", "target + CAST (ridge)",
-                                      "target + logit proxy"}
+    assert list(report["systems"]) == ["target-base", "retrained", "ridge", "proxy"]
     assert not (out / "predictions").exists() and not (out / "report.png").exists()
     assert all("exact_match" not in s for s in report["systems"].values())
-    ridge = report["transfer"]["target + CAST (ridge)"]
+    ridge = report["transfer"]["ridge"]
     assert set(ridge) == {"ll_recovery"} and ridge["ll_recovery"]["value"] == pytest.approx(1.0, abs=1e-3)
-    assert len(json.loads((out / "answer_ll" / "target_plus_CAST_ridge.json").read_text())) == 6
+    assert len(json.loads((out / "answer_ll" / "ridge.json").read_text())) == 6
 
 
 def test_validate_refuses_before_decoding(made, tmp_path, capsys):
@@ -157,6 +168,27 @@ def test_validate_refuses_before_decoding(made, tmp_path, capsys):
 
     ridge_only = identity_heads(tmp_path / "ridge", "tiny-llama", "ridge", sites_for(["q_proj", "v_proj"]))
     assert "no mlp heads for: encoder attn_in" in refused(made["lora"], ridge_only)
+
+    # No silent leak: test prompts the adapter trained on are refused, counted ...
+    lora_meta = json.loads((Path(made["lora"]) / "cast_lora.json").read_text())
+    trained = builtin_task("add2", seed=lora_meta["task"]["seed"]).train
+    leaky = tmp_path / "leaky.jsonl"
+    leaky.write_text("".join(json.dumps({"prompt": e.prompt, "answer": e.answer}) + "\n" for e in trained[:3])
+                     + json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
+    err = refused(made["lora"], made["heads"], "--task-file", leaky, "--retrained", made["lora"])
+    assert f"--adapter {made['lora']} was trained on 3 of the 4 test prompts of --task-file {leaky}" in err
+    # ... the split is the adapter's own: another --task-seed for its task is refused ...
+    assert ("--task-seed 3: --adapter " + made["lora"] + " was trained on add2 with seed 0") in refused(
+        made["lora"], made["heads"], "--task-seed", 3)
+    # ... and the seed it recorded is the one used: an adapter whose record says seed 7 is scored on
+    # seed 7's test split, which shares prompts with the seed-0 training set it really holds.
+    reseeded = tmp_path / "reseeded"
+    shutil.copytree(made["lora"], reseeded)
+    (reseeded / "cast_lora.json").write_text(json.dumps({**lora_meta, "task": {**lora_meta["task"], "seed": 7}}))
+    seven = builtin_task("add2", seed=7).test[:200]
+    clash = len({e.prompt for e in seven} & {e.prompt for e in trained})
+    assert clash > 0 and f"was trained on {clash} of the 200 test prompts of task add2" in refused(
+        reseeded, made["heads"])
 
     other = random_adapter(tmp_path / "other", "tiny-gemma3", ["q_proj", "v_proj"])
     (other / "cast_lora.json").write_text(json.dumps({"base": {"name": "tiny-gemma3", "weights_hash": "abc"},

@@ -43,7 +43,8 @@ def bridged_artifact(root, kind="ridge", carry="all", offsets=True):
 def test_ridge_export_has_the_bridged_logits(tmp_path, carry, offsets, rank):
     """One and several carried source layers; with offsets the constant term rides as lora_bias."""
     bridged = bridged_artifact(tmp_path, carry=carry, offsets=offsets)
-    info = export_peft(ExportConfig(bridged=str(bridged), out=str(tmp_path / "x"), bias=offsets, eval_sequences=0))
+    info = export_peft(ExportConfig(bridged=str(bridged), out=str(tmp_path / "x"), bias=offsets, absorb=False,
+                                    eval_sequences=0))
     assert info["rank"] == rank and info["method"].startswith("ridge fold, constant term ")
     assert info["method"].endswith("(exact)")
     cfg = json.loads((tmp_path / "x" / "adapter_config.json").read_text())
@@ -100,7 +101,7 @@ def test_bias_export_loads_but_cannot_merge_into_bias_free_modules(tmp_path):
 def test_rank_cut_and_measured_fidelity(tmp_path, corpus_dir):
     bridged = bridged_artifact(tmp_path)
     text = dict(corpus=str(corpus_dir), seq_len=8, eval_sequences=3, batch_size=2)
-    info = export_peft(ExportConfig(bridged=str(bridged), out=str(tmp_path / "x"), rank=3, **text))
+    info = export_peft(ExportConfig(bridged=str(bridged), out=str(tmp_path / "x"), rank=3, absorb=False, **text))
     assert info["method"] == "ridge fold, SVD cut to rank 3, constant term dropped"
     assert json.loads((tmp_path / "x" / "adapter_config.json").read_text())["r"] == 3
     assert 0 < info["rank_cut"]["relative_frobenius_error_total"] <= info["rank_cut"]["relative_frobenius_error_max"] < 1
@@ -138,6 +139,21 @@ def test_absorb_fits_the_constant_to_the_input_statistics(tmp_path, corpus_dir):
     load_adapter(load_model(TGT).model, tmp_path / "x").merge_and_unload()
 
 
+def test_the_default_export_absorbs_the_constant_and_prints_its_fidelity(tmp_path, corpus_dir, capsys):
+    """Dropping the constant term made another model; the default is the most faithful form that merges."""
+    bridged = bridged_artifact(tmp_path)
+    capsys.readouterr()
+    assert main(["export", str(bridged), "--out", str(tmp_path / "x"), "--corpus", str(corpus_dir), "--seq-len", "8",
+                 "--eval-sequences", "2", "--batch-size", "2", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    info = json.loads(out)
+    assert info["method"] == "ridge fold, constant term absorbed into one more rank" and info["rank"] == 9
+    assert "the export against the bridge: max |logit diff|" in err and "top-1 agreement" in err
+    assert info["fidelity"]["vs_bridged"]["tokens"] == 16
+    assert json.loads((tmp_path / "x" / "adapter_config.json").read_text())["lora_bias"] is False
+    load_adapter(load_model(TGT).model, tmp_path / "x").merge_and_unload()
+
+
 def test_mlp_bridge_is_distilled_and_gets_closer(tmp_path, corpus_dir):
     bridged = bridged_artifact(tmp_path, kind="mlp")
     cfg = ExportConfig(bridged=str(bridged), out=str(tmp_path / "x"), corpus=str(corpus_dir), seq_len=8, steps=12,
@@ -162,12 +178,12 @@ def test_bad_input_is_a_message(tmp_path, capsys):
         assert main(["export", *map(str, argv), "--eval-sequences", "0", "--quiet"]) == 2
         return capsys.readouterr().err
 
-    assert "--rank 9 is above what the update holds: 8" in refused(bridged, "--out", tmp_path / "x", "--rank", 9)
+    assert "--rank 9 is above what the update holds: 8" in refused(bridged, "--out", tmp_path / "x", "--rank", 9,
+                                                                   "--no-absorb")
     assert "is not a bridged artifact" in refused(tmp_path / "heads", "--out", tmp_path / "x")
-    assert "--bias and --absorb apply to ridge bridges only" in refused(bridged_artifact(tmp_path / "m", kind="mlp"),
-                                                                        "--out", tmp_path / "x", "--bias")
-    assert "one at a time" in refused(bridged, "--out", tmp_path / "x", "--bias", "--absorb")
-    assert "above what the update holds: 9 (" in refused(bridged, "--out", tmp_path / "x", "--absorb", "--rank", 10)
+    assert "--bias applies to ridge bridges only" in refused(bridged_artifact(tmp_path / "m", kind="mlp"),
+                                                             "--out", tmp_path / "x", "--bias")
+    assert "above what the update holds: 9 (" in refused(bridged, "--out", tmp_path / "x", "--rank", 10)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
     assert "--out" in refused(bridged, "--out", tmp_path / "full") and (tmp_path / "full" / "keep.txt").exists()

@@ -8,7 +8,7 @@ import torch
 
 from pipeline.lora.adapters import load_adapter
 from pipeline.cache.models import load_model
-from pipeline.assemble.validate import paired_ratio_ci
+from pipeline.assemble.report import paired_ratio_ci
 from pipeline.assemble.weightspace import project_update, weightspace_adapter
 from tests.pipeline.assemble.bridge_fixtures import random_adapter
 
@@ -47,3 +47,20 @@ def test_paired_ratio_ci():
     assert rec["ci_low"] < 0.5 < rec["ci_high"]
     rec, _ = paired_ratio_ci(half, ref, ref, n_boot=200)  # retrained no better than base
     assert np.isnan(rec["value"])
+
+
+def test_recovery_intervals_resample_items_paired_across_systems():
+    # 20 items under 3 prompts each, every system answering an item's prompts alike (as on capital).
+    items = [f"country{i}" for i in range(20) for _ in range(3)]
+    knows = {"base": range(0, 20, 5), "ref": range(0, 20, 1), "x": range(0, 20, 2)}
+    base, ref, x = ([float(int(it[7:]) in knows[k]) for it in items] for k in ("base", "ref", "x"))
+    plain_rec, plain_rat = paired_ratio_ci(x, base, ref, n_boot=2000)
+    rec, rat = paired_ratio_ci(x, base, ref, n_boot=2000, groups=items)
+    assert rec["value"] == plain_rec["value"] == pytest.approx((0.5 - 0.2) / (1.0 - 0.2))
+
+    def width(d):
+        return d["ci_high"] - d["ci_low"]
+    assert width(rec) > 1.4 * width(plain_rec) and width(rat) > 1.4 * width(plain_rat)
+    # Every example its own group (named in any order) is the plain bootstrap, draw for draw.
+    singles = [f"p{i}" for i in np.random.default_rng(0).permutation(len(items))]
+    assert paired_ratio_ci(x, base, ref, n_boot=2000, groups=singles) == (plain_rec, plain_rat)

@@ -3,8 +3,10 @@ import json
 import pytest
 import torch
 
-from pipeline.lora.evaluate import (bootstrap_ci, evaluate_model, extract_answer, generate_greedy,
-                               score_predictions)
+import numpy as np
+
+from pipeline.lora.evaluate import (EvalResult, bootstrap_ci, evaluate_model, extract_answer, generate_greedy,
+                                    resampled_means, resampling_unit, score_predictions)
 from pipeline.cache.models import load_model
 from pipeline.lora.tasks import Example, Task, builtin_task
 
@@ -31,19 +33,64 @@ def test_hand_made_set_scores_exactly():
     assert (res.correct, res.n, res.exact_match) == (2, 4, 0.5)
     assert [p["correct"] for p in res.predictions] == [True, True, False, False]
     assert res.predictions[1]["prediction"] == "2" and res.predictions[1]["raw"] == "2\n3+3=6"
-    assert 0.0 <= res.ci_low <= 0.5 <= res.ci_high <= 1.0
-    assert res.summary() == "hand: exact match 0.500 [%.3f, %.3f] (2/4)" % (res.ci_low, res.ci_high)
+    assert (res.ci_low, res.ci_high) == pytest.approx(textbook_bootstrap([1, 1, 0, 0], 1000, 0), abs=1e-12)
     with pytest.raises(ValueError, match="4 examples but 3 predictions"):
         score_predictions(HAND, HAND.test, ["1", "2", "3"])
 
 
-def test_bootstrap():
+def textbook_bootstrap(x, n_boot: int, seed: int) -> tuple[float, float]:
+    """The plain percentile bootstrap over examples, written out independently of the code."""
+    x = np.asarray(x, dtype=np.float64)
+    means = x[np.random.default_rng(seed).integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def test_summary_line():
+    res = EvalResult("hand", 4, 2, 0.5, 0.125, 0.875)
+    assert res.summary() == "hand: exact match 0.500 [0.125, 0.875] (2/4)"
+
+
+def test_bootstrap_is_the_textbook_one_when_every_item_is_its_own_group():
     assert bootstrap_ci([True] * 10) == (1.0, 1.0)
     assert bootstrap_ci([False] * 10) == (0.0, 0.0)
     x = [True] * 50 + [False] * 50
     lo, hi = bootstrap_ci(x, seed=7)
-    assert (lo, hi) == bootstrap_ci(x, seed=7)  # seeded
     assert 0.38 < lo < 0.45 and 0.55 < hi < 0.62  # about 0.5 +- 1.96 * 0.05
+    assert (lo, hi) == pytest.approx(textbook_bootstrap(x, 1000, 7), abs=1e-12)
+    # Singleton groups, named in any order, are the plain bootstrap draw for draw.
+    names = [f"p{i}" for i in np.random.default_rng(1).permutation(100)]
+    assert bootstrap_ci(x, seed=7, groups=names) == (lo, hi)
+
+
+def test_groups_are_drawn_whole_and_weighted_by_their_size():
+    # Group a holds two correct examples, b one wrong one: a resample of two groups has mean
+    # 1 (aa), 2/3 (ab, three examples) or 0 (bb); never 1/2, the mean of the group means.
+    means = resampled_means([[1, 1, 0]], ["a", "a", "b"], n_boot=400, seed=0)[0]
+    assert set(np.round(means, 6)) == {0.0, round(2 / 3, 6), 1.0}
+    # Paired: every array is resampled with the same draws.
+    x, y = resampled_means([[1, 1, 0], [1, 1, 0]], ["a", "a", "b"], n_boot=50, seed=3)
+    assert (x == y).all()
+
+
+def test_capital_intervals_resample_countries():
+    # capital's test prompts are 34 countries under 3 frames. A system that knows a country
+    # answers all its frames alike: grouped, the interval is about sqrt(3) times wider.
+    task = builtin_task("capital", n_train=10, n_test=100)
+    assert resampling_unit(task.test) == {"unit": "item", "count": 34, "examples": 100}
+    known = {c for i, c in enumerate(sorted({e.item for e in task.test})) if i % 2}
+    raws = [e.answer if e.item in known else "no idea" for e in task.test]
+    res = score_predictions(task, task.test, raws, n_boot=2000)
+    plain = bootstrap_ci([e.item in known for e in task.test], n_boot=2000)
+    assert (res.ci_low, res.ci_high) == bootstrap_ci([p["correct"] for p in res.predictions], n_boot=2000,
+                                                     groups=[e.item for e in task.test])
+    assert (res.ci_high - res.ci_low) > 1.4 * (plain[1] - plain[0])
+    assert [p["item"] for p in res.predictions] == [e.item for e in task.test]
+    # A skill task's prompts are independent draws: its interval is the plain one.
+    add2 = builtin_task("add2", n_train=10, n_test=60)
+    assert resampling_unit(add2.test) == {"unit": "example", "count": 60, "examples": 60}
+    raws = [e.answer if i % 3 else "0" for i, e in enumerate(add2.test)]
+    res = score_predictions(add2, add2.test, raws, n_boot=500)
+    assert (res.ci_low, res.ci_high) == pytest.approx(textbook_bootstrap([p["correct"] for p in res.predictions], 500, 0), abs=1e-12)
 
 
 def test_extract_answer():
@@ -106,4 +153,5 @@ def test_real_task_on_tiny_model_writes_json(tiny, tmp_path):
     res.to_json(tmp_path / "r.json")
     back = json.loads((tmp_path / "r.json").read_text())
     assert back["n"] == 12 and back["meta"]["task"]["name"] == "add2"
-    assert set(back["predictions"][0]) == {"prompt", "answer", "prediction", "raw", "correct"}
+    assert set(back["predictions"][0]) == {"prompt", "item", "answer", "prediction", "raw", "correct"}
+    assert back["meta"]["resampled"] == {"unit": "example", "count": 12, "examples": 12}
