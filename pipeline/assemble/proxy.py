@@ -59,10 +59,11 @@ def _decoder_steps(tokenizer) -> list[dict]:
 
 
 def token_bytes(tokenizer) -> dict[int, bytes]:
-    """id -> the bytes it stands for, for every non-special token whose bytes are whole
-    UTF-8 (a lone lead or continuation byte is text only beside other tokens, so it has no
-    counterpart to pair with). Byte-level BPE maps each symbol back to its byte;
-    SentencePiece-style vocabularies spell a space `▁` and keep `<0xNN>` byte tokens."""
+    """id -> the bytes it stands for, for every non-special token. Byte-level BPE maps each
+    symbol back to its byte; SentencePiece-style vocabularies spell a space `▁` and keep
+    `<0xNN>` byte tokens. A lone lead or continuation byte (not whole UTF-8) is kept: it
+    pairs only with a token of exactly that byte, never with a character that merely looks
+    like its byte-level symbol (SmolLM2's 0xC3 is not Gemma-3's `Ã`, which is C3 83)."""
     steps = _decoder_steps(tokenizer)
     kinds = {d.get("type") for d in steps}
     byte_level = "ByteLevel" in kinds
@@ -88,10 +89,6 @@ def token_bytes(tokenizer) -> dict[int, bytes]:
             for mark, text in replace:
                 tok = tok.replace(mark, text)
             raw = tok.encode("utf-8")
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError:
-            continue
         if raw:
             out[i] = raw
     return out

@@ -31,7 +31,7 @@ BYTE_LEVEL = ["<unk>", "</s>", "Ġ", "ĠĠ", "ĉ", "Ċ", "Ã©", "Â£", "1", "1
 SENTENCEPIECE = ["<unk>", "</s>", "▁", "▁▁", "\t", "\n", "é", "£", "1", "12", "Ã", "<0x41>", "A", "Ċ",
                  "<0xC3>", "▁▁▁▁"]
 EXPECTED = {"Ġ": "▁", "ĠĠ": "▁▁", "ĉ": "\t", "Ċ": "\n", "Ã©": "é", "Â£": "£", "1": "1", "12": "12", "A": "A",
-            "</s>": "</s>"}
+            "Ã": "<0xC3>", "</s>": "</s>"}
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +47,8 @@ def pair():
 def test_pairs_are_the_tokens_that_stand_for_the_same_bytes(pair):
     src, tgt = pair
     assert token_bytes(src)[BYTE_LEVEL.index("Ã©")] == "é".encode()
-    assert BYTE_LEVEL.index("Ã") not in token_bytes(src)          # a partial UTF-8 byte pairs with nothing
-    assert SENTENCEPIECE.index("<0xC3>") not in token_bytes(tgt)
+    assert token_bytes(src)[BYTE_LEVEL.index("Ã")] == b"\xc3"      # the lone byte, not the character Ã
+    assert token_bytes(tgt)[SENTENCEPIECE.index("<0xC3>")] == b"\xc3"
     assert token_bytes(tgt)[SENTENCEPIECE.index("Ã")] == "Ã".encode()
     ids_s, ids_t = shared_vocab(src, tgt)
     got = {BYTE_LEVEL[a]: SENTENCEPIECE[b] for a, b in zip(ids_s.tolist(), ids_t.tolist())}
@@ -87,7 +87,7 @@ def test_the_shift_is_the_change_on_shared_tokens_and_the_rest_mass_elsewhere(pa
     proxy = LogitProxy(_Source(with_lora, base), src, tgt)
     z = proxy.shift(["12 £"], len(SENTENCEPIECE))[0]
     p_l, p_b = with_lora.softmax(-1).tolist(), base.softmax(-1).tolist()
-    rest = [i for i, t in enumerate(BYTE_LEVEL) if t not in EXPECTED]  # <unk>, Ã, ĠĠĠ
+    rest = [i for i, t in enumerate(BYTE_LEVEL) if t not in EXPECTED]  # <unk>, ĠĠĠ
     rest_shift = math.log(sum(p_l[i] for i in rest) / sum(p_b[i] for i in rest))
     for i, t in enumerate(SENTENCEPIECE):
         partner = next((s for s, u in EXPECTED.items() if u == t), None)
@@ -96,7 +96,7 @@ def test_the_shift_is_the_change_on_shared_tokens_and_the_rest_mass_elsewhere(pa
         assert z[i].item() == pytest.approx(want, abs=1e-5), t
     # the proxied distribution keeps the source's ratio of shared to rest mass changes
     plain = LogitProxy(_Source(with_lora, base), src, tgt, renormalise=False).shift(["12 £"], len(SENTENCEPIECE))[0]
-    assert plain[SENTENCEPIECE.index("Ã")] == 0 and z[SENTENCEPIECE.index("Ã")] != 0
+    assert plain[SENTENCEPIECE.index("Ã")] == 0 and z[SENTENCEPIECE.index("Ã")] != 0  # a target-only token
     with pytest.raises(ProxyError, match="empty"):
         proxy.shift([""], len(SENTENCEPIECE))
 
