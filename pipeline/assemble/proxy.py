@@ -113,25 +113,58 @@ def shared_vocab(src_tok, tgt_tok) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
 
 
+def first_source_tokens(src_tok, tgt_tok, ids_s: torch.Tensor, ids_t: torch.Tensor) -> torch.Tensor:
+    """(len(tgt_tok),) for every target token the source token its text begins with: the
+    first of the source's tokenization of its bytes (its byte-identical partner where it
+    has one); -1 for specials and lone bytes without a partner."""
+    raw = token_bytes(tgt_tok)
+    ids, texts = [], []
+    for i, b in raw.items():
+        try:
+            texts.append(b.decode("utf-8"))
+            ids.append(i)
+        except UnicodeDecodeError:
+            continue
+    out = torch.full((len(tgt_tok),), -1, dtype=torch.long)
+    special = set(src_tok.all_special_ids)  # e.g. <unk> for text the source cannot spell: no evidence
+    for i, enc in zip(ids, src_tok(texts, add_special_tokens=False).input_ids if texts else []):
+        if enc and enc[0] not in special:
+            out[i] = enc[0]
+    out[ids_t] = ids_s
+    return out
+
+
+OTHERS = ("prefix", "rest", "none")
+
+
 class LogitProxy(LogitsProcessor):
     """The source LoRA's log-probability change, placed on the target's vocabulary.
 
     `source` is a PEFT model (the source with its LoRA); its disable_adapter() gives the
     base. Use shift(texts, vocab) for teacher-forced scoring and the instance (or
     `LogitsProcessorList([proxy])`) as a transformers logits processor when the target
-    generates. renormalise=False gives the target-only tokens no change (the proxy before
-    the rest-mass rule; kept to measure that rule); cache=False re-reads the whole text at
-    every generated token (the reference the cache is tested against)."""
+    generates. `others` says what the target tokens without a byte-identical source token
+    get (docs/design.md#the-logit-proxy): "prefix" (default) the change of the source token
+    their text begins with; "rest" the change of the source's mass outside the shared
+    tokens; "none" nothing (the first proxy). cache=False re-reads the whole text at every
+    generated token (the reference the cache is tested against)."""
 
-    def __init__(self, source, src_tok, tgt_tok, batch_size: int = 32, renormalise: bool = True,
+    def __init__(self, source, src_tok, tgt_tok, batch_size: int = 32, others: str = "prefix",
                  cache: bool = True):
+        if others not in OTHERS:
+            raise ProxyError(f"others={others!r}: choose one of {', '.join(OTHERS)}")
         self.source, self.src_tok, self.tgt_tok = source, src_tok, tgt_tok
         self.ids_s, self.ids_t = shared_vocab(src_tok, tgt_tok)
         vocab_s = source.get_output_embeddings().weight.shape[0]
         rest = torch.ones(vocab_s, dtype=torch.bool)
         rest[self.ids_s] = False
         self.rest_s = rest.nonzero()[:, 0]
-        self.batch_size, self.renormalise, self.cache, self._cache = batch_size, renormalise, cache, None
+        self.map_s, self.map_t = self.ids_s, self.ids_t  # (source, target) ids whose change is copied
+        if others == "prefix":
+            first = first_source_tokens(src_tok, tgt_tok, self.ids_s, self.ids_t)
+            self.map_t = (first >= 0).nonzero()[:, 0]
+            self.map_s = first[self.map_t]
+        self.batch_size, self.others, self.cache, self._cache = batch_size, others, cache, None
         self.pad = src_tok.pad_token_id if src_tok.pad_token_id is not None else src_tok.eos_token_id
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
@@ -143,8 +176,9 @@ class LogitProxy(LogitsProcessor):
 
     @torch.no_grad()
     def delta(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """At the end of each text: (len(texts), shared) change of the source's log-probability
-        of each shared token, and (len(texts),) change of its log-mass outside them."""
+        """At the end of each text: (len(texts), source vocab) change of the source's
+        log-probability of each token, and (len(texts),) change of its log-mass outside the
+        shared tokens."""
         device = next(self.source.parameters()).device
         enc = self._encode(texts)
         shared, rest = [], []
@@ -162,20 +196,21 @@ class LogitProxy(LogitsProcessor):
         return torch.cat(shared), torch.cat(rest)
 
     def place(self, d: torch.Tensor, r: torch.Tensor, vocab: int) -> torch.Tensor:
-        """(rows, vocab) additive target logits from delta()'s two parts."""
-        z = (r[:, None] if self.renormalise else torch.zeros_like(r)[:, None]).expand(len(d), vocab).clone()
-        z[:, self.ids_t.to(d.device)] = d
+        """(rows, vocab) additive target logits from delta()'s two parts: mapped target tokens
+        copy their source token's change, the rest get the rest-mass change (0 with "none")."""
+        z = (torch.zeros_like(r) if self.others == "none" else r)[:, None].expand(len(d), vocab).clone()
+        keep = self.map_t < vocab  # a tokenizer may name more ids than the model's head has rows
+        z[:, self.map_t[keep].to(d.device)] = d[:, self.map_s[keep].to(d.device)]
         return z
 
     def split(self, with_lora: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """delta()'s two parts from the source's log-probabilities with and without the LoRA."""
         rest = (with_lora[:, self.rest_s.to(with_lora.device)].logsumexp(-1)
                 - base[:, self.rest_s.to(base.device)].logsumexp(-1)) if len(self.rest_s) else base[:, 0] * 0
-        return (with_lora - base)[:, self.ids_s.to(with_lora.device)], rest
+        return with_lora - base, rest
 
     def shift(self, texts: list[str], vocab: int) -> torch.Tensor:
-        """(len(texts), vocab) additive target logits: the change on shared tokens, the
-        rest-mass change on every other token (0 with renormalise=False)."""
+        """(len(texts), vocab) additive target logits (see place())."""
         return self.place(*self.delta(texts), vocab)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

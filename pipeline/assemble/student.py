@@ -276,7 +276,7 @@ def run_distill(cfg: StudentConfig, progress: bool = True) -> dict:
                        "adapter_sha256": sha256_file(Path(cfg.adapter) / "adapter_model.safetensors"),
                        "task": (meta or {}).get("task")},
             "target": asdict(tgt.info),
-            "teacher": {"kind": "logit proxy", "shared_tokens": len(proxy.ids_t), "renormalise": proxy.renormalise},
+            "teacher": {"kind": "logit proxy", "shared_tokens": len(proxy.ids_t), "others": proxy.others},
             "data": {"regime": cfg.data, "prompts_file": cfg.prompts,
                      "prompts_sha256": sha256_file(cfg.prompts) if cfg.prompts else None,
                      "k": len(prompts) if prompts else 0, **{k: v for k, v in smeta.items() if k not in ("key", "starts")},

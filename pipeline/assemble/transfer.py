@@ -121,7 +121,7 @@ def run_proxy(cfg: TransferConfig, adapters: list[str], weights: list[float], ou
     entries = [{"dir": "adapters/0", "origin": str(adapters[0]), "weight": 1.0, "modules": lw.modules,
                 "assignment": {}}]
     manifest = {"kind": PROXY_KIND, "version": 1, "source": source, "target": target, "head_kind": "proxy",
-                "renormalise": True, "adapters": entries}
+                "others": "prefix", "adapters": entries}
     with atomic_path(out) as staged:
         staged.mkdir()
         copy_to_local(adapters[0], staged / "adapters" / "0")
@@ -227,7 +227,7 @@ def load_bridged(path: str | Path, device: str | None = None, model: str | None 
 
         src = load_model(manifest["source"]["model"], device=device)
         lm.proxy = LogitProxy(load_adapter(src.model, path / manifest["adapters"][0]["dir"]),
-                              src.tokenizer, lm.tokenizer, renormalise=manifest.get("renormalise", True))
+                              src.tokenizer, lm.tokenizer, others=manifest.get("others", "prefix"))
         lm.logits_processor = processors(lm.proxy)
         return lm
     attach(lm.model, build_bridges(path, manifest, lm.device))
