@@ -25,8 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.assemble.distill import DistillConfig, distill
-from pipeline.assemble.teacher import (Sample, batch_of, salient_prefixes, sample_teacher, sparse_kl,
-                                       stored_prefixes, uniform_prefixes)
+from pipeline.assemble.teacher import (Sample, batch_of, more_prompts, salient_prefixes, sample_teacher,
+                                       sparse_kl, stored_prefixes, uniform_prefixes)
 from storage.files import atomic_path, atomic_write_text, sha256_bytes, sha256_file
 
 DISTILL_FILE = "cast_distill.json"
@@ -53,6 +53,9 @@ class StudentConfig:
     prompts: str | None = None
     """With --data prompts: a file of task prompts, one per line or JSONL {"prompt": ...}; answers are never read.
     Refused when it overlaps the test split of the task the adapter was trained on."""
+    augment: int = 0
+    """With --data prompts: this many more prompts, written by the source (without its LoRA) in the manner of
+    the k given (shown 8 at a time as a list); any that fall in the adapter's task test split are dropped."""
     corpus: str = "nlp-corpus"
     """Generic text for salient/uniform: the built-in corpus or a file, directory or glob."""
     store: str | None = None
@@ -97,6 +100,10 @@ class StudentConfig:
             raise DistillError(f"--store goes with --data salient (it chooses salient text), not --data {self.data}")
         if (self.data == "prompts") != bool(self.prompts):
             raise DistillError("--prompts FILE goes with --data prompts (and --data prompts needs --prompts)")
+        if self.augment and self.data != "prompts":
+            raise DistillError("--augment writes more prompts like those of --prompts: it goes with --data prompts")
+        if self.augment < 0:
+            raise DistillError(f"--augment {self.augment}: must be 0 or more")
         for name in ("candidates", "prefixes", "samples", "max_new_tokens", "top_k", "rank", "steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise DistillError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be 1 or more")
@@ -127,17 +134,23 @@ def read_prompts(path: str) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def check_unseen(prompts: list[str], adapter_meta: dict | None, where: str) -> None:
-    """Refuse prompts from the test split of the adapter's own task (when it is a built-in
-    task with a recorded seed): distilling on them would grade the student on its lesson."""
+def test_prompts(adapter_meta: dict | None) -> set[str]:
+    """The test prompts of the adapter's own task, when it is a built-in task (else none known)."""
     from pipeline.lora.tasks import BUILTINS, load_task
 
     task = (adapter_meta or {}).get("task", {})
     if task.get("name") not in BUILTINS:
-        return
-    test = load_task(task["name"], split="test", seed=task.get("seed", 0))
-    seen = [p for p in prompts if p in {e.prompt for e in test.test}]
+        return set()
+    return {e.prompt for e in load_task(task["name"], split="test", seed=task.get("seed", 0)).test}
+
+
+def check_unseen(prompts: list[str], adapter_meta: dict | None, where: str) -> None:
+    """Refuse prompts from the test split of the adapter's own task (when it is a built-in
+    task with a recorded seed): distilling on them would grade the student on its lesson."""
+    test = test_prompts(adapter_meta)
+    seen = [p for p in prompts if p in test]
     if seen:
+        task = adapter_meta["task"]
         raise DistillError(f"--prompts {where}: {len(seen)} of {len(prompts)} prompts are in the test split of "
                            f"{task['name']} (e.g. {seen[0]!r}); use prompts from its training split or elsewhere")
 
@@ -226,9 +239,14 @@ def run_distill(cfg: StudentConfig, progress: bool = True) -> dict:
         samples, smeta = loaded
         print(f"[cast] distill: {len(samples)} teacher samples from {work}", file=sys.stderr)
     else:
-        salience, median = None, None
+        salience, median, augmented = None, None, None
         if cfg.data == "prompts":
             starts = prompts
+            if cfg.augment:
+                made = more_prompts(source, src.tokenizer, prompts, cfg.augment, cfg.seed, progress=progress)
+                test = test_prompts(meta)  # a written prompt that happens to be a test prompt is never used
+                augmented = {"written": len(made), "dropped_as_test_prompts": sum(p in test for p in made)}
+                starts = prompts + [p for p in made if p not in test]
         else:
             texts = [] if cfg.store else corpus_texts(cfg.corpus, cfg.candidates)
             if cfg.data == "salient" and cfg.store:
@@ -245,7 +263,7 @@ def run_distill(cfg: StudentConfig, progress: bool = True) -> dict:
                                  cfg.top_k, cfg.seed, cfg.batch_size, progress)
         smeta = {"key": key, "starts": None, "prefixes": len(starts), "heldout_prefixes": n_held,
                  "examples": starts[:3], "salience": salience[:5] if salience else None,
-                 "salience_median_of_candidates": median,
+                 "salience_median_of_candidates": median, "augmented": augmented,
                  "salience_from": ("store " + str(cfg.store)) if cfg.store else ("kl" if salience else None),
                  "sampling_seconds": round(time.perf_counter() - t0, 1)}
         _save_samples(work, samples, smeta)

@@ -161,6 +161,46 @@ def stored_prefixes(store_path: str, adapter: str, corpus: str, n: int,
     return [p for _, p in chosen], [v for v, _ in chosen], ranked[len(ranked) // 2][0] if ranked else 0.0
 
 
+SEPARATOR = "\n###\n"
+
+
+@torch.no_grad()
+def more_prompts(source, tokenizer, seeds: list[str], n: int, seed: int = 0, batch_size: int = 8,
+                 shown: int = 8, max_new_tokens: int = 48, progress: bool = True) -> list[str]:
+    """n new prompts in the manner of the seeds, written by the source without its LoRA
+    (a PEFT model; the LoRA was trained to answer, not to ask): shown `shown` seeds at a
+    time as a list, it writes the next item (temperature 1). Items equal to a seed or to
+    each other are dropped; at most 4·n items are tried."""
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig
+
+    device = next(source.parameters()).device
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    gen = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                           pad_token_id=pad, eos_token_id=eos)
+    g = torch.Generator().manual_seed(seed)
+    out, seen, tried = [], set(seeds), 0
+    bar = tqdm(total=n, desc="more prompts", disable=not progress, file=sys.stderr)
+    while len(out) < n and tried < 4 * n:
+        contexts = [SEPARATOR.join(seeds[i] for i in torch.randperm(len(seeds), generator=g)[:shown].tolist())
+                    + SEPARATOR for _ in range(batch_size)]
+        ids, mask, _ = left_pad([tokenizer(c, add_special_tokens=True).input_ids for c in contexts], pad)
+        torch.manual_seed(seed * 1_000_003 + tried)
+        with source.disable_adapter():
+            res = source.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen)
+        for row in res[:, ids.shape[1]:].tolist():
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            item = text.split(SEPARATOR)[0]
+            if SEPARATOR in text and item.strip() and item not in seen and len(out) < n:  # complete, new
+                out.append(item)
+                seen.add(item)
+                bar.update(1)
+        tried += batch_size
+    bar.close()
+    return out
+
+
 def uniform_prefixes(texts: list[str], n: int, seed: int, context_chars: int = 200) -> list[str]:
     """n prefixes of the texts cut at a random word end (the control for salience)."""
     g = torch.Generator().manual_seed(seed)

@@ -140,3 +140,51 @@ def test_salience_read_from_the_store_is_what_the_lora_adds(lora, corpus_dir, tm
     for h in handles:
         h.remove()
     assert torch.stack(norms).sum(0)[0, -1].item() == pytest.approx(scores[0], rel=1e-3)
+
+
+def test_more_prompts_keeps_complete_new_items(monkeypatch):
+    """The source writes a list; only items it finished (separator after them), new and
+    distinct, become prompts."""
+    import contextlib
+
+    from pipeline.assemble.teacher import SEPARATOR, more_prompts
+
+    tok = load_model("tiny-llama").tokenizer
+    import itertools
+
+    writes = itertools.cycle(["12+5=" + SEPARATOR + "x", "3+4=", "66+79=" + SEPARATOR, "12+5=" + SEPARATOR,
+                              "8+8=" + SEPARATOR])
+
+    class Writer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        @contextlib.contextmanager
+        def disable_adapter(self):
+            yield
+
+        def generate(self, input_ids, **_):
+            rows = [tok(next(writes), add_special_tokens=False).input_ids for _ in range(len(input_ids))]
+            width = max(map(len, rows))
+            new = torch.tensor([r + [tok.eos_token_id] * (width - len(r)) for r in rows])
+            return torch.cat([input_ids, new], 1)
+
+    got = more_prompts(Writer(), tok, ["66+79=", "1+2="], n=3, batch_size=5, progress=False)
+    assert got == ["12+5=", "8+8="]  # unfinished, a seed and repeats are dropped; 4·n items tried at most
+
+
+def test_augmented_prompts_never_include_test_prompts(lora, tmp_path, capsys, monkeypatch):
+    import pipeline.assemble.student as student
+
+    test = load_task("add2", split="test", seed=0).test
+    monkeypatch.setattr(student, "more_prompts", lambda *a, **k: ["1+9=", test[0].prompt, "2+9="])
+    good = tmp_path / "good.txt"
+    good.write_text("1+1=\n2+5=\n")
+    code, _, _ = run(capsys, "distill", "--adapter", lora, "--target", "tiny-llama", "--data", "prompts",
+                     "--prompts", good, "--augment", "3", "--samples", "1", "--heldout", "0", "--out", tmp_path / "a",
+                     "--steps", "1", "--quiet")
+    assert code == 0
+    data = json.loads((tmp_path / "a" / "cast_distill.json").read_text())["data"]
+    assert data["augmented"] == {"written": 3, "dropped_as_test_prompts": 1}
+    assert data["prefixes"] == 4 and data["train_samples"] == 4 and data["k"] == 2
