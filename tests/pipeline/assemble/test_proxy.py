@@ -166,11 +166,13 @@ def test_the_cached_proxy_decodes_exactly_as_the_uncached_one(tiny_proxy):
     from pipeline.lora.tasks import load_task
 
     source, src_tok, tgt = tiny_proxy
-    prompts = [e.prompt for name in ("add2", "reverse", "capital") for e in load_task(name, split="test").test[:8]]
+    from pipeline.lora.tasks import BUILTINS
+
+    prompts = [e.prompt for name in BUILTINS for e in load_task(name, split="test").test[:50]]
     outs = {}
     for cache in (False, True):
         proxy = LogitProxy(source, src_tok, tgt.tokenizer, cache=cache)
-        outs[cache] = generate_greedy(tgt.model, tgt.tokenizer, prompts, 12, batch_size=8, logits_processor=proxy)
-    plain = generate_greedy(tgt.model, tgt.tokenizer, prompts, 12, batch_size=8)
+        outs[cache] = generate_greedy(tgt.model, tgt.tokenizer, prompts, 8, batch_size=16, logits_processor=proxy)
+    plain = generate_greedy(tgt.model, tgt.tokenizer, prompts, 8, batch_size=16)
     assert outs[True] == outs[False]
     assert outs[True] != plain  # the proxy changed what the target writes
