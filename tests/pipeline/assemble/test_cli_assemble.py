@@ -169,17 +169,19 @@ def test_validate_refuses_before_decoding(made, tmp_path, capsys):
     ridge_only = identity_heads(tmp_path / "ridge", "tiny-llama", "ridge", sites_for(["q_proj", "v_proj"]))
     assert "no mlp heads for: encoder attn_in" in refused(made["lora"], ridge_only)
 
-    # No silent leak: test prompts the adapter trained on are refused, counted ...
+    # No silent leak: test prompts the adapter trained on are refused, counted ... (`fast`: were a
+    # refusal missing, the run would end in seconds and the assertion fail, not decode for minutes)
+    fast = ("--no-decode", "--offtask-sequences", 0, "--systems", "ridge")
     lora_meta = json.loads((Path(made["lora"]) / "cast_lora.json").read_text())
     trained = builtin_task("add2", seed=lora_meta["task"]["seed"]).train
     leaky = tmp_path / "leaky.jsonl"
     leaky.write_text("".join(json.dumps({"prompt": e.prompt, "answer": e.answer}) + "\n" for e in trained[:3])
                      + json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
-    err = refused(made["lora"], made["heads"], "--task-file", leaky, "--retrained", made["lora"])
+    err = refused(made["lora"], made["heads"], "--task-file", leaky, "--retrained", made["lora"], *fast)
     assert f"--adapter {made['lora']} was trained on 3 of the 4 test prompts of --task-file {leaky}" in err
     # ... the split is the adapter's own: another --task-seed for its task is refused ...
     assert ("--task-seed 3: --adapter " + made["lora"] + " was trained on add2 with seed 0") in refused(
-        made["lora"], made["heads"], "--task-seed", 3)
+        made["lora"], made["heads"], "--task-seed", 3, *fast)
     # ... and the seed it recorded is the one used: an adapter whose record says seed 7 is scored on
     # seed 7's test split, which shares prompts with the seed-0 training set it really holds.
     reseeded = tmp_path / "reseeded"
@@ -188,7 +190,7 @@ def test_validate_refuses_before_decoding(made, tmp_path, capsys):
     seven = builtin_task("add2", seed=7).test[:200]
     clash = len({e.prompt for e in seven} & {e.prompt for e in trained})
     assert clash > 0 and f"was trained on {clash} of the 200 test prompts of task add2" in refused(
-        reseeded, made["heads"])
+        reseeded, made["heads"], *fast)
 
     other = random_adapter(tmp_path / "other", "tiny-gemma3", ["q_proj", "v_proj"])
     (other / "cast_lora.json").write_text(json.dumps({"base": {"name": "tiny-gemma3", "weights_hash": "abc"},
