@@ -43,6 +43,10 @@ class TransferConfig:
     the source with its LoRA runs beside the target and its change of log-probabilities is added to the target's
     logits on shared tokens (docs/design.md#the-logit-proxy). mlp or ridge: the activation-space bridge, the LoRA's
     modules applied through those heads (a plain target LoRA with `cast export`)."""
+    others: str = "prefix"
+    """--kind proxy: what the target tokens without a byte-identical source token get. prefix (default): the change
+    of the source token their text begins with; rest: the change of the source's mass outside the shared tokens;
+    none: nothing (docs/results.md#the-proxy-before-and-after-review)."""
     carry: str = "all"
     """'all': every source LoRA layer is applied at the target layer whose mapped source layer is
     nearest; 'mapped': only the source layer chosen for each target layer."""
@@ -121,7 +125,7 @@ def run_proxy(cfg: TransferConfig, adapters: list[str], weights: list[float], ou
     entries = [{"dir": "adapters/0", "origin": str(adapters[0]), "weight": 1.0, "modules": lw.modules,
                 "assignment": {}}]
     manifest = {"kind": PROXY_KIND, "version": 1, "source": source, "target": target, "head_kind": "proxy",
-                "others": "prefix", "adapters": entries}
+                "others": cfg.others, "adapters": entries}
     with atomic_path(out) as staged:
         staged.mkdir()
         copy_to_local(adapters[0], staged / "adapters" / "0")
@@ -140,6 +144,10 @@ def run_transfer(cfg: TransferConfig) -> dict:
     if cfg.kind not in ("mlp", "ridge", "proxy"):
         raise BridgeError(f"--kind {cfg.kind}: choose mlp, ridge or proxy")
     if cfg.kind == "proxy":
+        from pipeline.assemble.proxy import OTHERS
+
+        if cfg.others not in OTHERS:
+            raise BridgeError(f"--others {cfg.others}: choose one of {', '.join(OTHERS)}")
         return run_proxy(cfg, adapters, weights, out)
     if not cfg.heads:
         raise BridgeError(f"--kind {cfg.kind} needs --heads (a head set from `cast train-heads`)")

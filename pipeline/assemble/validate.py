@@ -30,10 +30,16 @@ class ValidateConfig:
 
     adapter: str
     """Source LoRA adapter (from `cast lora train`: its recipe is reused for the retrained baseline)."""
-    heads: str
-    """Head set from `cast train-heads` (must contain mlp and ridge heads for the adapter's modules)."""
     out: str
     """Report directory; artifacts made along the way (retrained LoRA, bridges) are kept there and reused."""
+    heads: str = ""
+    """Head set from `cast train-heads` (must contain mlp and ridge heads for the adapter's modules); the
+    systems that need no heads (source, proxy, distilled) run without it, given --target."""
+    target: str = ""
+    """Without --heads: the target model (registry name or local directory); the source is the adapter's base."""
+    proxy_others: str = "prefix"
+    """The proxy row's rule for target tokens without a byte-identical source token: prefix, rest or none
+    (see `cast transfer --help`)."""
     task: str | None = None
     """Built-in task name; default: the task the adapter was trained on."""
     task_file: str | None = None
@@ -117,7 +123,8 @@ class Run:
 
         if kind not in self.made:
             path = self.out / f"bridged-{kind}"
-            run_transfer(TransferConfig(adapter=self.cfg.adapter, heads=self.cfg.heads, out=str(path), kind=kind,
+            run_transfer(TransferConfig(adapter=self.cfg.adapter, heads=self.cfg.heads, target=self.names["target"],
+                                        out=str(path), kind=kind, others=self.cfg.proxy_others,
                                         carry=self.cfg.carry, force=True))
             self.made[kind] = path
         return self.made[kind]
@@ -264,9 +271,13 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> dict:
     if meta is None:
         raise BridgeError(f"--adapter {cfg.adapter}: validate needs cast_lora.json (the training recipe) to "
                           f"retrain the reference on the target; train it with `cast lora train`")
-    hs = load_heads(cfg.heads)
-    lw = read_lora(cfg.adapter)
     systems = chosen_systems(cfg)
+    need = [s.choice for s in systems if s.bridge or s.key == "weight-space"]
+    if not cfg.heads and (need or not cfg.target):
+        raise BridgeError(f"--heads is needed for {', '.join(need)} (pass it, or --systems source,proxy,distilled "
+                          f"with --target)" if need else "give --heads, or --target with --systems source,proxy,distilled")
+    hs = load_heads(cfg.heads) if cfg.heads else None
+    lw = read_lora(cfg.adapter)
     for kind in dict.fromkeys(s.bridge for s in systems if s.bridge):  # built later: refuse now, before decoding
         check_adapter(cfg.adapter, lw, hs, kind)
     task_name = cfg.task or (None if cfg.task_file else meta["task"]["name"])
@@ -284,13 +295,15 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> dict:
     if train_task is None and cfg.retrained is None:  # refused before minutes of decoding, not after
         raise BridgeError("--task-file gives only a test split: pass --retrained with a target LoRA trained "
                           "on the matching training file")
-    run = Run(cfg, out, meta, train_task, {"source": hs.source["model"], "target": hs.target["model"]}, hs)
+    names = ({"source": hs.source["model"], "target": hs.target["model"]} if hs else
+             {"source": meta["base"]["name"], "target": cfg.target})
+    run = Run(cfg, out, meta, train_task, names, hs)
     t0 = time.perf_counter()
     # Unwrapped copies: the off-task KL is measured against them, and PEFT wraps models in place.
     # The source side is loaded (and its held-out text tokenized) only when one of its rows is scored.
-    ref = {side: load_model(hs.index["inputs"][side]["model"], device=cfg.device)
+    ref = {side: load_model(hs.index["inputs"][side]["model"] if hs else names[side], device=cfg.device)
            for side in dict.fromkeys(s.side for s in systems)}
-    held = {side: heldout_ids(cfg, lm.tokenizer, [hs.source, hs.target]) for side, lm in ref.items()}
+    held = {side: heldout_ids(cfg, lm.tokenizer, [hs.source, hs.target] if hs else []) for side, lm in ref.items()}
     run.bases = {side: lm.model for side, lm in ref.items()}
     results = {}
     for s in systems:

@@ -196,3 +196,16 @@ def test_validate_refuses_before_decoding(made, tmp_path, capsys):
     (other / "cast_lora.json").write_text(json.dumps({"base": {"name": "tiny-gemma3", "weights_hash": "abc"},
                                                       "task": {"name": "add2"}, "recipe": {}}))
     assert "was trained on tiny-gemma3, but --heads" in refused(other, made["heads"])
+
+
+def test_validate_needs_heads_only_for_the_systems_that_use_them(made, tmp_path, capsys, corpus_dir):
+    code, _, err = run(capsys, "validate", "--adapter", made["lora"], "--target", "tiny-llama", "--out", tmp_path / "v",
+                       "--systems", "ridge,proxy")
+    assert code == 2 and "--heads is needed for ridge" in err
+    code, _, _ = run(capsys, "validate", "--adapter", made["lora"], "--target", "tiny-llama", "--out", tmp_path / "v",
+                     "--systems", "proxy", "--limit", 4, "--no-decode", "--retrained", made["lora"], "--corpus",
+                     corpus_dir, "--offtask-sequences", 2, "--proxy-others", "none", "--quiet")
+    assert code == 0
+    report = json.loads((tmp_path / "v" / "report.json").read_text())
+    assert report["transfer"]["proxy"]["ll_recovery"]["value"] == pytest.approx(1.0, abs=1e-3)  # same model
+    assert json.loads((tmp_path / "v" / "bridged-proxy" / "manifest.json").read_text())["others"] == "none"
