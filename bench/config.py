@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 PARTNERS = {"smollm2-135m": "gemma3-270m", "gemma3-270m": "smollm2-135m",
             "tiny-llama": "tiny-gemma3", "tiny-gemma3": "tiny-llama"}
-PARTS = ("a", "b", "c", "d", "e", "f")
+PARTS = ("a", "b", "c", "d", "e", "g")
 
 
 @dataclass
@@ -39,7 +39,7 @@ class BenchConfig:
     """dtype the naive path saves with np.save: float32 (what HF hands out) or float16."""
     reps: int = 3
     """Interleaved repetitions of every timed method; medians are reported."""
-    parts: str = "a,b,c,d,e,f"
+    parts: str = "a,b,c,d,e,g"
     """Which measurements to run (a,b share their timed runs; e needs a)."""
     breakdown: bool = True
     """(a): also time extraction in layers, to show where its cost over the backbone goes:
@@ -63,11 +63,11 @@ class BenchConfig:
     """(d): unit size of the memory runs. Memory is bounded by the unit (at most two in
     memory: one being filled, one being written), so N should span >= 2 units."""
     proxy_source: str = "smollm2-135m"
-    """(f): the proxy's source model (a random LoRA of rank 8 on q_proj,v_proj stands in for the adapter)."""
+    """(g): the proxy's source model (a random LoRA of rank 8 on q_proj,v_proj stands in for the adapter)."""
     proxy_target: str = "gemma3-270m"
-    """(f): the proxy's target model."""
+    """(g): the proxy's target model."""
     proxy_lengths: str = "32,128,512"
-    """(f): total text lengths (prompt + generated, target tokens) at which the per-token time is taken."""
+    """(g): total text lengths (prompt + generated, target tokens) at which the per-token time is taken."""
     threads: int = 0
     """torch threads (0: torch's default, one per core)."""
     workdir: str | None = None

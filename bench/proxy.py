@@ -1,4 +1,4 @@
-"""(f) The logit proxy's decoding cost per token against the target's own, by text length.
+"""(g) The logit proxy's decoding cost per token against the target's own, by text length.
 
 Systems, each greedy-decoding the same prompt: the target alone, the target with a LoRA
 of the source adapter's rank (what serving a distilled or retrained LoRA costs), the
@@ -64,7 +64,7 @@ def bench_proxy(source: str, target: str, corpus: str, lengths=(32, 128, 512), n
                 one = _decode_seconds(model, prompts[n], 1, processors(proxy), pad)
                 many = _decode_seconds(model, prompts[n], 1 + new_tokens, processors(proxy), pad)
                 per_token[name][n].append(max(many - one, 1e-9) / new_tokens)
-        log(f"(f) proxy round {r + 1}/{reps}: " + ", ".join(
+        log(f"(g) proxy round {r + 1}/{reps}: " + ", ".join(
             f"{s} {per_token[s][lengths[-1]][-1] * 1e3:.0f} ms/token at {lengths[-1]}" for s in SYSTEMS))
     med = {s: {str(n): median(v) for n, v in per_token[s].items()} for s in SYSTEMS}
     out = {"source": source, "target": target, "new_tokens": new_tokens, "reps": reps, "per_token_s": med,

@@ -9,8 +9,8 @@ TARGETS = {
     "c_store_vs_recompute": (">=", 20.0),
     "d_extract_peak_4n_over_n": ("<=", 1.1),
     "d_process_peak_4n_over_n": ("<=", 1.1),
-    "f_proxy_cached_per_token_512_over_32": ("<=", 1.5),
-    "f_proxy_cached_vs_target_tokens_per_s_128": (">=", 0.4),
+    "g_proxy_cached_per_token_512_over_32": ("<=", 1.5),
+    "g_proxy_cached_vs_target_tokens_per_s_128": (">=", 0.4),
 }
 
 
@@ -45,8 +45,8 @@ def format_table(r: dict) -> str:
         "d_process_peak_4n_over_n": "peak RSS of the whole `cast extract --workers 0` process at 4N / at N",
         "e_store_vs_raw": f"store activation bytes / raw {c['dtype']} bytes",
         "e_store_vs_float32": "store activation bytes / raw float32 bytes",
-        "f_proxy_cached_per_token_512_over_32": "cached proxy: decode s per token at 512 tokens / at 32",
-        "f_proxy_cached_vs_target_tokens_per_s_128": "cached proxy tok/s / target-alone tok/s, at 128 tokens",
+        "g_proxy_cached_per_token_512_over_32": "cached proxy: decode s per token at 512 tokens / at 32",
+        "g_proxy_cached_vs_target_tokens_per_s_128": "cached proxy tok/s / target-alone tok/s, at 128 tokens",
     }
     for name, value in r["ratios"].items():
         t = TARGETS.get(name)
@@ -65,7 +65,7 @@ def format_table(r: dict) -> str:
     if "proxy" in r:
         p = r["proxy"]
         lengths = list(p["per_token_s"]["target"])
-        lines += ["", f"(f) decoding, ms per generated token (median of {p['reps']}, {p['new_tokens']} tokens after a "
+        lines += ["", f"(g) decoding, ms per generated token (median of {p['reps']}, {p['new_tokens']} tokens after a "
                       f"1-token run, prefill excluded): {p['source']} LoRA through the proxy onto {p['target']}",
                   "", "| system | " + " | ".join(f"at {n} tokens" for n in lengths) + " |",
                   "|---|" + "---:|" * len(lengths)]

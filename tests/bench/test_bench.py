@@ -9,8 +9,8 @@ from jobs.cli import main
 
 RATIOS = ("a_extract_vs_forward", "a_extract_vs_backbone", "b_extract_vs_naive", "c_store_vs_recompute",
           "c_store_kept_vs_recompute", "d_extract_peak_4n_over_n", "d_process_peak_4n_over_n",
-          "e_store_vs_raw", "e_store_vs_float32", "f_proxy_cached_per_token_512_over_32",
-          "f_proxy_cached_vs_target_tokens_per_s_128")
+          "e_store_vs_raw", "e_store_vs_float32", "g_proxy_cached_per_token_512_over_32",
+          "g_proxy_cached_vs_target_tokens_per_s_128")
 
 
 def test_bench_reports_every_ratio(tmp_path, corpus_dir, capsys):
