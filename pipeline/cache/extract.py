@@ -340,6 +340,12 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> dict:
               on_result=lambda unit, res: bar.update(res["tokens"]))
     bar.close()
     seconds = time.perf_counter() - t0
+    # Workers hand units to writer threads and report them before they are committed; the
+    # run succeeds only if the store holds every planned unit (its manifest says so).
+    missing = sorted({u.unit for u in plan.units} - committed_units(as_path(cfg.out)))
+    if missing:
+        raise StoreError(f"--out {cfg.out}: {len(missing)} unit(s) were extracted but are not committed "
+                         f"(first: {missing[:5]}); run the same command again to redo them")
     return {"store": cfg.out, "units": len(plan.units), "skipped": len(done), "tokens": total,
             "extracted_tokens": todo, "seconds": seconds,
             "tokens_per_s": todo / seconds if seconds > 0 and todo else 0.0}

@@ -66,6 +66,15 @@ def test_a_failed_write_fails_the_extraction_and_a_rerun_completes_it(tmp_path, 
     assert verify(out).ok and unit_files(out) == unit_files(ref)
 
 
+def test_an_extraction_is_not_reported_done_while_a_unit_is_uncommitted(tmp_path, corpus_dir, monkeypatch):
+    real = Extractor.write
+    # A write that returns without committing (a lost write): the run must not succeed.
+    monkeypatch.setattr(Extractor, "write", staticmethod(
+        lambda path, unit, *args: None if unit == 2 else real(path, unit, *args)))
+    with pytest.raises(storage.StoreError, match=r"1 unit\(s\) were extracted but are not committed \(first: \[2\]\)"):
+        run_extract(ExtractConfig(out=str(tmp_path / "s.zarr"), corpus=str(corpus_dir), **KW), progress=False)
+
+
 def test_the_last_units_failure_is_raised_by_flush():
     wb = WriteBehind(depth=2)
     wb.submit(7, lambda: None)
