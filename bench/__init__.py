@@ -14,6 +14,8 @@ noisy shared CPU shifts all methods alike instead of whichever happened to run l
                               forward over the same batches: with the LM head (`forward`,
                               what a user runs) and without it (`backbone`, the stricter one).
                               `hooks` and `extract_no_write` split the gap into its layers.
+                              The same extract/forward/backbone for the pair's other model
+                              (--partner; --no-both skips it), so one run covers both.
 (b) extract / naive dump      full forward with output_hidden_states=True for resid and
                               plain pre-hooks for attn_in/mlp_in, np.save of every site's
                               real-token values per batch (float32 by default).
@@ -21,6 +23,10 @@ noisy shared CPU shifts all methods alike instead of whichever happened to run l
                               the pairs from the two stores, vs forwarding both models over
                               the same tokens to make the pairs first.
 (d) peak RSS at N and 4N      `cast extract --workers 0` in a fresh subprocess each.
+(w) unit writer / plain write  storage.writer.write_unit alone over units captured from one
+                              extraction, vs the same raw bytes written into one file with
+                              no compression; both fsync'd, MB/s of raw bytes. How fast a
+                              model (a GPU) may forward before the writer is the limit.
 (e) bytes per token           the store's activation bytes on disk vs the raw size of the
                               stored values (and vs float32).
 """

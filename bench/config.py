@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 PARTNERS = {"smollm2-135m": "gemma3-270m", "gemma3-270m": "smollm2-135m",
             "tiny-llama": "tiny-gemma3", "tiny-gemma3": "tiny-llama"}
-PARTS = ("a", "b", "c", "d", "e", "g")
+PARTS = ("a", "b", "c", "d", "e", "w", "g")
 
 
 @dataclass
@@ -39,8 +39,11 @@ class BenchConfig:
     """dtype the naive path saves with np.save: float32 (what HF hands out) or float16."""
     reps: int = 3
     """Interleaved repetitions of every timed method; medians are reported."""
-    parts: str = "a,b,c,d,e,g"
+    parts: str = "a,b,c,d,e,w,g"
     """Which measurements to run (a,b share their timed runs; e needs a)."""
+    both: bool = True
+    """(a): also time extract, forward and backbone of --partner, so one run gives
+    extract / backbone for both models of the pair."""
     breakdown: bool = True
     """(a): also time extraction in layers, to show where its cost over the backbone goes:
     `hooks` (every hook fires, values discarded) and `extract_no_write` (hooks, gather, bf16
@@ -92,6 +95,10 @@ class BenchConfig:
             raise ValueError(f"--head-depth must be in [0, 1], got {self.head_depth}")
         if "c" in self.part_set and self.head_site not in [s.strip() for s in self.sites.split(",")]:
             raise ValueError(f"--head-site {self.head_site} is not among --sites {self.sites}")
+
+    @property
+    def partner_name(self) -> str:
+        return self.partner or PARTNERS.get(self.model, self.model)
 
     @property
     def part_set(self) -> set[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,25 @@ from bench.config import BenchConfig
 from bench.timing import dir_bytes, padded
 
 
+PARTNER_DIR = "partner-a"
+
+
+def partner_times(cfg: BenchConfig, work: Path, cpu: dict) -> tuple[dict[str, list[float]], int]:
+    """(a) for the other model of the pair, so one run reports extract / backbone for both:
+    its extract, forward and backbone, interleaved as the first model's are. Returns the
+    times and the partner's token count (its own tokenizer's, over the same segments)."""
+    from bench.timing import time_interleaved
+
+    pm = Methods(replace(cfg, model=cfg.partner_name), work / PARTNER_DIR)
+    try:
+        pm.forward(-1)  # warm-up
+        times = time_interleaved({"partner_extract": pm.extract, "partner_forward": pm.forward,
+                                  "partner_backbone": pm.backbone}, cfg.reps, cpu)
+    finally:
+        pm.close()
+    return times, pm.n_tokens
+
+
 class Methods:
     """The timed methods of (a) and (b), sharing one loaded model and one plan."""
 
@@ -21,6 +41,7 @@ class Methods:
         from pipeline.cache.extract import ExtractConfig, Extractor, length_batches, prepare
 
         self.cfg, self.work = cfg, work
+        work.mkdir(parents=True, exist_ok=True)
         self.ecfg = ExtractConfig(model=cfg.model, out=str(work / "store.zarr"), corpus=cfg.corpus,
                                   sites=cfg.sites, layers=cfg.layers, dtype=cfg.dtype,
                                   max_tokens=cfg.tokens, max_chars=cfg.max_chars,
@@ -40,6 +61,19 @@ class Methods:
         self.store_path: Path | None = None
         self.naive_bytes = 0
         self._ray_actor = None
+
+    def capture(self, max_units: int = 4) -> list[tuple]:
+        """Extract the plan once, untimed (a warm-up too), keeping the write arguments of up
+        to `max_units` units in memory: (w) writes exactly these units."""
+        kept: list[tuple] = []
+        self.worker.write = lambda *args: kept.append(args) if len(kept) < max_units else None
+        try:
+            for unit in self.plan.units:
+                self.worker.run(unit)
+            self.worker.flush()
+        finally:
+            del self.worker.write
+        return kept
 
     # -- the methods: each returns seconds for one pass over all tokens
 
@@ -165,6 +199,8 @@ class Methods:
         return self._ray_actor
 
     def close(self):
+        if self.store_path is not None and self.work.name == PARTNER_DIR:  # nothing reads the partner's store
+            shutil.rmtree(self.store_path, ignore_errors=True)
         if self._ray_actor is not None:
             self._ray_cm.__exit__(None, None, None)
             self._ray_actor = None

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.config import PARTNERS, BenchConfig
+from bench.config import BenchConfig
 from bench.extraction import Methods
 from bench.timing import log, padded
 
@@ -70,7 +70,7 @@ class HeadEpoch:
         from pipeline.cache.models import load_model
 
         self.cfg, self.m = cfg, m
-        partner = cfg.partner or PARTNERS.get(cfg.model, cfg.model)
+        partner = cfg.partner_name
         self.partner = partner
         n_src = m.lm.info.num_layers
         pcfg = ExtractConfig(model=partner, out=str(work / "partner.zarr"), corpus=cfg.corpus, sites=cfg.head_site,

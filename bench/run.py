@@ -12,11 +12,12 @@ import numpy as np
 import torch
 
 from bench.config import BenchConfig
-from bench.extraction import Methods
+from bench.extraction import Methods, partner_times
 from bench.heads import HeadEpoch
 from bench.memory import peak_rss
 from bench.report import format_table, met
 from bench.timing import dir_bytes, log, median, time_interleaved
+from bench.writer import WriteMethods
 from storage.layout import STORAGE_DTYPES
 
 
@@ -50,10 +51,23 @@ def run_bench(cfg: BenchConfig) -> dict:
             m.start_ray()
         times: dict[str, list[float]] = {}
         cpu_times: dict[str, list[float]] = {}
-        if parts & {"a", "b", "c", "e"}:
+        wm = None
+        if "w" in parts:  # one untimed extraction keeps the units (w) writes
+            wm = WriteMethods(m.capture(), m.meta, work)
+            methods.update(writer=wm.writer, plain_write=wm.plain)
+        if parts & {"a", "b", "c", "e", "w"}:
             m.forward(-1) if "a" in parts else m.backbone(-1)  # warm-up: allocator, kernels, page cache
             times = time_interleaved(methods, cfg.reps, cpu_times)
         m.close()
+        if wm is not None:
+            result["w"] = {"units": len(wm.units), "tokens": wm.tokens, "raw_mb": wm.nbytes / 1e6}
+            methods.clear()
+            del wm  # the captured units: hundreds of MB on a real model
+        if "a" in parts and cfg.both and cfg.partner_name != cfg.model:
+            log(f"(a) {cfg.partner_name}, the pair's other model: extract, forward, backbone")
+            result["partner"] = cfg.partner_name
+            ptimes, result["partner_tokens"] = partner_times(cfg, work, cpu_times)
+            times.update(ptimes)
 
         hc = None
         if "c" in parts:
@@ -72,7 +86,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         result["cpu_times"] = cpu_times
         result["median_cpu_s"] = {k: median(v) for k, v in cpu_times.items()}
         result["median_s"] = {k: median(v) for k, v in times.items()}
-        result["tokens_per_s"] = {k: m.n_tokens / v for k, v in result["median_s"].items()}
+        result["tokens_per_s"] = {k: (result["partner_tokens"] if k.startswith("partner_") else m.n_tokens) / v
+                                  for k, v in result["median_s"].items()}
         med, ratios = result["median_s"], result["ratios"]
         paired = {}
         if "a" in parts:
@@ -80,8 +95,18 @@ def run_bench(cfg: BenchConfig) -> dict:
             ratios["a_extract_vs_backbone"] = med["backbone"] / med["extract"]
             paired["a_extract_vs_forward"] = median([f / e for f, e in zip(times["forward"], times["extract"])])
             paired["a_extract_vs_backbone"] = median([f / e for f, e in zip(times["backbone"], times["extract"])])
+            if "partner_extract" in times:
+                ratios["a_partner_extract_vs_forward"] = med["partner_forward"] / med["partner_extract"]
+                ratios["a_partner_extract_vs_backbone"] = med["partner_backbone"] / med["partner_extract"]
+                paired["a_partner_extract_vs_backbone"] = median(
+                    [f / e for f, e in zip(times["partner_backbone"], times["partner_extract"])])
             if cfg.ray:
                 ratios["a_ray_vs_forward"] = med["forward"] / med["extract_ray"]
+        if "w" in result:  # MB/s of the same raw bytes, so the ratio is plain seconds / writer seconds
+            result["w"].update(writer_mb_s=result["w"]["raw_mb"] / med["writer"],
+                               plain_mb_s=result["w"]["raw_mb"] / med["plain_write"])
+            ratios["w_writer_vs_plain"] = med["plain_write"] / med["writer"]
+            paired["w_writer_vs_plain"] = median([p / w for p, w in zip(times["plain_write"], times["writer"])])
         if "b" in parts:
             ratios["b_extract_vs_naive"] = med["naive"] / med["extract"]
             paired["b_extract_vs_naive"] = median([n / e for n, e in zip(times["naive"], times["extract"])])

@@ -1,4 +1,5 @@
-"""`cast bench`: extraction vs a bare forward pass and a naive dump, head training from
+"""`cast bench`: extraction vs a bare forward pass (both models of the pair) and a naive dump, the
+unit writer vs a plain write of the same bytes, head training from
 the store vs recomputing activations, peak memory and bytes per token (the bars in
 docs/design.md#performance-bars)."""
 from __future__ import annotations

@@ -27,6 +27,12 @@ def test_cast_run_on_tiny_models_then_resume(tmp_path, corpus_dir, capsys):
     for f in ("report.md", "report.png"):
         assert (run / "validate" / "add2" / f).stat().st_size > 0
     assert "target + CAST (ridge)" in (run / "report.md").read_text()
+    summary = json.loads((run / "run.json").read_text())  # where the run's time went, stage by stage
+    assert list(summary["timings"]) == ["lora add2", "extract source", "verify source", "extract target",
+                                        "verify target", "align", "layermap", "train heads", "validate add2"]
+    assert all(s > 0 for s in summary["timings"].values())
+    assert 0 <= summary["unaccounted_seconds"] < summary["seconds"]
+    assert summary["extraction"]["target"]["extracted_tokens"] > 0
     heads = json.loads((run / "heads" / "index.json").read_text())
     assert {h["spec"]["site"] for h in heads["heads"]} == {"attn_in", "q_proj.out", "v_proj.out"}
     # The bridged targets validate scored are not the plain target: the heads carry the

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import storage
 from pipeline.cache.corpus import load_corpus, segment, segmentation_hash
 from pipeline.cache.hooks import capture, parse_layers, parse_sites, run_to_deepest, site_dim
 from pipeline.cache.models import load_model, load_tokenizer, model_identity, resolve
+from pipeline.cache.writeback import WriteBehind
 from storage.fs import as_path
 from storage.layout import FORMAT_VERSION, STORAGE_DTYPES, StoreError, encode
 from runtime.work import run_items
@@ -66,6 +66,10 @@ class ExtractConfig:
     CPUs, never more than one node has)."""
     gpus_per_worker: float = 0.0
     """GPUs requested per actor on a cluster (0 on CPU machines)."""
+    write_depth: int = 1
+    """Units each worker may have waiting to be written while it forwards the next one
+    (a writer thread commits them; memory holds depth + 1 units). 0 writes each unit
+    before forwarding the next."""
 
     def __post_init__(self):
         if self.dtype not in STORAGE_DTYPES:
@@ -75,6 +79,8 @@ class ExtractConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.workers < 0:
             raise ValueError(f"--workers must be >= 0, got {self.workers}")
+        if self.write_depth < 0:
+            raise ValueError(f"--write-depth must be >= 0, got {self.write_depth}")
         if self.cpus_per_worker < 0 or self.gpus_per_worker < 0:
             raise ValueError("--cpus-per-worker and --gpus-per-worker must be >= 0")
         self.sites = ",".join(parse_sites(self.sites))
@@ -166,14 +172,13 @@ class Extractor:
     Used directly (workers=0) or wrapped as a Ray actor."""
 
     def __init__(self, model: str, store: str, layers: list[int], sites: list[str], dtype: str,
-                 batch_tokens: int, device: str | None = None):
+                 batch_tokens: int, device: str | None = None, write_depth: int = 1):
         self.lm = load_model(model, device=device)
         self.store, self.layers, self.sites = as_path(store), layers, sites
         self.dtype, self.batch_tokens = dtype, batch_tokens
         self.pad = self.lm.tokenizer.pad_token_id or 0
-        self.overlap_writes = True  # commit each unit on a writer thread while the next is forwarded
-        self._writer: ThreadPoolExecutor | None = None
-        self._pending: Future | None = None
+        # Units are committed on a writer thread while the next one is forwarded.
+        self.writer = WriteBehind(write_depth)
 
     def retarget(self, store: str | Path) -> None:
         """Commit the next units into another store (made with the same plan and settings)."""
@@ -182,8 +187,10 @@ class Extractor:
 
     @torch.no_grad()
     def run(self, unit: Unit) -> dict:
-        """Forward the unit and hand it to the writer. The commit itself overlaps the next
-        unit's forward pass (one write in flight); call flush() after the last unit."""
+        """Forward the unit and hand it to the writer thread. Its commit overlaps the next
+        unit's forward pass, so the unit returned may not be committed yet: only flush()
+        (after the last unit) says every unit is; a failed write is raised, naming its
+        unit, by a later run() or by flush()."""
         t0 = time.perf_counter()
         dev = self.lm.device
         lengths = [len(x) for x in unit.input_ids]
@@ -234,23 +241,13 @@ class Extractor:
     write = staticmethod(write_unit)  # an instance may swap it (bench times extraction without it)
 
     def _commit(self, unit: Unit, tokens, acts, stats, seconds: float) -> None:
-        """Write the unit on the writer thread once the previous write is done: at most
-        one unit waits in memory, and a failed write surfaces at the next unit at latest."""
-        self.flush()
-        if not self.overlap_writes:
-            self.write(self.store, unit.unit, tokens, acts, stats, self.dtype,
-                       (unit.segment_ids[0], unit.segment_ids[-1]), seconds)
-            return
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="cast-write")
-        self._pending = self._writer.submit(self.write, self.store, unit.unit, tokens, acts, stats, self.dtype,
-                                            (unit.segment_ids[0], unit.segment_ids[-1]), seconds)
+        """Queue the unit for the writer thread (blocks while write_depth units wait)."""
+        self.writer.submit(unit.unit, self.write, self.store, unit.unit, tokens, acts, stats, self.dtype,
+                           (unit.segment_ids[0], unit.segment_ids[-1]), seconds)
 
     def flush(self) -> None:
-        """Wait until every unit handed to run() is committed (re-raises a failed write)."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        """Wait until every unit handed to run() is committed (raises a failed write's error)."""
+        self.writer.flush()
 
 
 def store_meta(cfg: ExtractConfig, info: dict, corpus, plan: Plan, layers, sites, dims) -> dict:
@@ -332,7 +329,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> dict:
           f"({len(done)} units already committed); store needs ~{estimate_bytes(meta) / 2**20:,.0f} MiB "
           f"uncompressed at {cfg.out}", file=sys.stderr)
     layers, sites = meta["layers"], meta["sites"]
-    args = (cfg.model, cfg.out, layers, sites, cfg.dtype, cfg.batch_tokens, cfg.device)
+    args = (cfg.model, cfg.out, layers, sites, cfg.dtype, cfg.batch_tokens, cfg.device, cfg.write_depth)
     bar = tqdm(total=todo, unit="tok", desc=f"extract {meta['model']['name']}", disable=not progress,
                file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
     t0 = time.perf_counter()
@@ -343,6 +340,12 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> dict:
               on_result=lambda unit, res: bar.update(res["tokens"]))
     bar.close()
     seconds = time.perf_counter() - t0
+    # Workers hand units to writer threads and report them before they are committed; the
+    # run succeeds only if the store holds every planned unit (its manifest says so).
+    missing = sorted({u.unit for u in plan.units} - committed_units(as_path(cfg.out)))
+    if missing:
+        raise StoreError(f"--out {cfg.out}: {len(missing)} unit(s) were extracted but are not committed "
+                         f"(first: {missing[:5]}); run the same command again to redo them")
     return {"store": cfg.out, "units": len(plan.units), "skipped": len(done), "tokens": total,
             "extracted_tokens": todo, "seconds": seconds,
             "tokens_per_s": todo / seconds if seconds > 0 and todo else 0.0}

@@ -9,8 +9,8 @@ from jobs.cli import main
 
 RATIOS = ("a_extract_vs_forward", "a_extract_vs_backbone", "b_extract_vs_naive", "c_store_vs_recompute",
           "c_store_kept_vs_recompute", "d_extract_peak_4n_over_n", "d_process_peak_4n_over_n",
-          "e_store_vs_raw", "e_store_vs_float32", "g_proxy_cached_per_token_512_over_32",
-          "g_proxy_cached_vs_target_tokens_per_s_128")
+          "e_store_vs_raw", "e_store_vs_float32", "a_partner_extract_vs_forward", "a_partner_extract_vs_backbone",
+          "w_writer_vs_plain", "g_proxy_cached_per_token_512_over_32", "g_proxy_cached_vs_target_tokens_per_s_128")
 
 
 def test_bench_reports_every_ratio(tmp_path, corpus_dir, capsys):
@@ -27,8 +27,11 @@ def test_bench_reports_every_ratio(tmp_path, corpus_dir, capsys):
     assert set(res["met"]) == set(res["ratios"])
     assert res["c"]["partner"] == "tiny-gemma3" and res["c"]["pairs"] > 0
     assert res["d"]["units_4n"] > res["d"]["units_n"] >= 2
+    assert res["partner"] == "tiny-gemma3" and res["partner_tokens"] > 0
+    assert res["w"]["units"] == res["units"] and res["w"]["raw_mb"] > 0  # every unit of the plan, written alone
+    assert res["w"]["writer_mb_s"] > 0 and res["w"]["plain_mb_s"] > 0
     for method in ("extract", "forward", "backbone", "hooks", "extract_no_write", "naive", "head_epoch_recompute",
-                   "head_epoch_store_streamed"):
+                   "head_epoch_store_streamed", "writer", "plain_write", "partner_extract", "partner_backbone"):
         assert len(res["times"][method]) == 2 and all(t > 0 for t in res["times"][method])
     assert set(res["proxy"]["tokens_per_s"]) == {"target", "target_lora", "proxy_uncached", "proxy_cached"}
     assert all(set(v) == {"32", "128", "512"} for v in res["proxy"]["tokens_per_s"].values())
@@ -36,4 +39,5 @@ def test_bench_reports_every_ratio(tmp_path, corpus_dir, capsys):
     printed = capsys.readouterr().out
     assert "| a_extract_vs_forward |" in printed and "(a) where extraction's time goes" in printed
     assert "| proxy_cached |" in printed
+    assert "| w_writer_vs_plain |" in printed and "(w) the store's unit writer alone" in printed
     assert not any((tmp_path / "work").iterdir())  # scratch stores and dumps cleaned up
