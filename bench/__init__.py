@@ -23,4 +23,7 @@ noisy shared CPU shifts all methods alike instead of whichever happened to run l
 (d) peak RSS at N and 4N      `cast extract --workers 0` in a fresh subprocess each.
 (e) bytes per token           the store's activation bytes on disk vs the raw size of the
                               stored values (and vs float32).
+(f) integrity cost            crc32c over every byte of the store (a write computes it once,
+                              a read again) vs extraction and vs a full checked read; the
+                              presence check of every chunk file (bench/integrity.py).
 """

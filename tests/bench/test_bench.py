@@ -9,7 +9,8 @@ from jobs.cli import main
 
 RATIOS = ("a_extract_vs_forward", "a_extract_vs_backbone", "b_extract_vs_naive", "c_store_vs_recompute",
           "c_store_kept_vs_recompute", "d_extract_peak_4n_over_n", "d_process_peak_4n_over_n",
-          "e_store_vs_raw", "e_store_vs_float32")
+          "e_store_vs_raw", "e_store_vs_float32", "f_checksum_vs_extract", "f_checksum_vs_read",
+          "f_listing_vs_read")
 
 
 def test_bench_reports_every_ratio(tmp_path, corpus_dir, capsys):
@@ -32,4 +33,5 @@ def test_bench_reports_every_ratio(tmp_path, corpus_dir, capsys):
     assert (tmp_path / "bench.md").read_text().startswith("### cast bench: tiny-llama")
     printed = capsys.readouterr().out
     assert "| a_extract_vs_forward |" in printed and "(a) where extraction's time goes" in printed
+    assert "| f_checksum_vs_extract |" in printed and "(f) integrity:" in printed
     assert not any((tmp_path / "work").iterdir())  # scratch stores and dumps cleaned up
