@@ -82,3 +82,16 @@ def test_failed_stage_keeps_an_out_that_was_there(tmp_path, capsys):
     code, _, _ = cast(capsys, "validate", "--adapter", tmp_path / "no-adapter", "--heads", tmp_path / "no-heads",
                       "--out", out)
     assert code == 2 and out.is_dir()  # the user's own directory is never removed
+
+
+def test_quiet_silences_the_libraries_progress_bars(tmp_path, corpus_dir, capsys):
+    import transformers.utils.logging as tlog
+
+    tlog.enable_progress_bar()  # as in a fresh process: transformers draws its weight-loading bar
+    try:
+        code, _, err = cast(capsys, "extract", "--model", "tiny-gemma3", "--out", tmp_path / "s.zarr", "--corpus",
+                            corpus_dir, *EXTRACT)
+    finally:
+        tlog.enable_progress_bar()
+    assert code == 0
+    assert "%|" not in err and "it/s" not in err and "Loading weights" not in err, err
