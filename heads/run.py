@@ -94,7 +94,7 @@ class TrainHeadsConfig:
         if self.cpus_per_head < 1:
             raise ValueError(f"--cpus-per-head must be at least 1, got {self.cpus_per_head}")
         for name, low in (("hidden", 1), ("epochs", 1), ("patience", 1), ("batch_size", 1), ("max_pairs", 0),
-                          ("min_position", 0), ("memory_budget_mb", 1), ("block_rows", 1), ("workers", 0),
+                          ("min_position", 0), ("memory_budget_mb", 0), ("block_rows", 1), ("workers", 0),
                           ("max_retries", 0)):
             if getattr(self, name) < low:
                 hint = " (0: all pairs)" if name == "max_pairs" else ""
