@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 PARTNERS = {"smollm2-135m": "gemma3-270m", "gemma3-270m": "smollm2-135m",
             "tiny-llama": "tiny-gemma3", "tiny-gemma3": "tiny-llama"}
-PARTS = ("a", "b", "c", "d", "e", "w", "g")
+PARTS = ("a", "b", "c", "d", "e", "f", "w", "g")
 
 
 @dataclass
@@ -39,8 +39,8 @@ class BenchConfig:
     """dtype the naive path saves with np.save: float32 (what HF hands out) or float16."""
     reps: int = 3
     """Interleaved repetitions of every timed method; medians are reported."""
-    parts: str = "a,b,c,d,e,w,g"
-    """Which measurements to run (a,b share their timed runs; e needs a)."""
+    parts: str = "a,b,c,d,e,f,w,g"
+    """Which measurements to run (a,b share their timed runs; e and f read the store a made)."""
     both: bool = True
     """(a): also time extract, forward and backbone of --partner, so one run gives
     extract / backbone for both models of the pair."""
@@ -84,8 +84,9 @@ class BenchConfig:
         bad = [p for p in self.parts.split(",") if p.strip() not in PARTS]
         if bad:
             raise ValueError(f"--parts: unknown {bad}; choose from {','.join(PARTS)}")
-        if "e" in self.part_set and "a" not in self.part_set:
-            raise ValueError("--parts: e (bytes per token) measures the store made by a; add a")
+        for part, what in (("e", "bytes per token"), ("f", "integrity cost")):
+            if part in self.part_set and "a" not in self.part_set:
+                raise ValueError(f"--parts: {part} ({what}) measures the store made by a; add a")
         for name in ("tokens", "unit_tokens", "batch_tokens", "reps", "mem_tokens", "mem_unit_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")

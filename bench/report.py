@@ -12,6 +12,7 @@ TARGETS = {
     "c_store_vs_recompute": (">=", 20.0),
     "d_extract_peak_4n_over_n": ("<=", 1.1),
     "d_process_peak_4n_over_n": ("<=", 1.1),
+    "f_checksum_vs_extract": ("<=", 0.02),
     "g_proxy_cached_per_token_512_over_32": ("<=", 1.5),
     "g_proxy_cached_vs_target_tokens_per_s_128": (">=", 0.4),
 }
@@ -51,6 +52,9 @@ def format_table(r: dict) -> str:
         "d_process_peak_4n_over_n": "peak RSS of the whole `cast extract --workers 0` process at 4N / at N",
         "e_store_vs_raw": f"store activation bytes / raw {c['dtype']} bytes",
         "e_store_vs_float32": "store activation bytes / raw float32 bytes",
+        "f_checksum_vs_extract": "crc32c over every stored byte (what a write adds) / extract wall s",
+        "f_checksum_vs_read": "crc32c over every stored byte / a full checked read of the store",
+        "f_listing_vs_read": "presence check of every chunk file (one listing per unit) / a full checked read",
         "g_proxy_cached_per_token_512_over_32": "cached proxy: decode s per token at 512 tokens / at 32",
         "g_proxy_cached_vs_target_tokens_per_s_128": "cached proxy tok/s / target-alone tok/s, at 128 tokens",
     }
@@ -105,4 +109,11 @@ def format_table(r: dict) -> str:
         lines += [f"(e) bytes/token: store activations {e['store_act_bytes_per_token']:,.0f} (whole store "
                   f"{e['store_bytes_per_token']:,.0f}), raw {c['dtype']} {e['raw_bytes_per_token']:,.0f}, raw float32 "
                   f"{e['float32_bytes_per_token']:,.0f}; naive dump {e.get('naive_bytes_per_token', 0):,.0f}."]
+    if "f" in r:
+        f = r["f"]
+        ratio = r["ratios"]
+        lines += [f"(f) integrity: {f['files']:,} chunk files, {f['bytes'] / 2**20:,.2f} MiB; crc32c over all of "
+                  f"them {f['crc_s'] * 1e3:,.3f} ms ({ratio['f_checksum_vs_extract']:.3%} of extraction's wall time, "
+                  f"{ratio['f_checksum_vs_read']:.3%} of a full checked read), presence check "
+                  f"{f['listing_s'] * 1e3:,.1f} ms, full checked read {f['read_s'] * 1e3:,.1f} ms."]
     return "\n".join(lines)

@@ -14,6 +14,7 @@ import torch
 from bench.config import BenchConfig
 from bench.extraction import Methods, partner_times
 from bench.heads import HeadEpoch
+from bench.integrity import integrity_cost
 from bench.memory import peak_rss
 from bench.report import format_table, met
 from bench.timing import dir_bytes, log, median, time_interleaved
@@ -132,6 +133,11 @@ def run_bench(cfg: BenchConfig) -> dict:
                 result["e"]["naive_bytes_per_token"] = m.naive_bytes / n
             ratios["e_store_vs_raw"] = act / (n * per_token_values * itemsize)
             ratios["e_store_vs_float32"] = act / (n * per_token_values * 4)
+        if "f" in parts:
+            f = result["f"] = integrity_cost(m.store_path, cfg.reps)
+            ratios["f_checksum_vs_extract"] = f["crc_s"] / med["extract"]
+            ratios["f_checksum_vs_read"] = f["crc_s"] / f["read_s"]
+            ratios["f_listing_vs_read"] = f["listing_s"] / f["read_s"]
         result["paired_median_ratios"] = paired
         del m, hc
         if "d" in parts:

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import storage
 from heads.headset import INDEX
 from heads.modules import KINDS, artifact_paths
-from heads.train import HeadSpec, fit_head
+from heads.train import HeadSpec, fit_head, split_pairs
 from runtime.work import run_items
 from storage.artifacts import HEADS_KIND, IDENTITY_FIELDS, load_alignment, load_layermap, store_identity
 from storage.files import atomic_write_text, sha256_bytes
@@ -93,6 +93,14 @@ class TrainHeadsConfig:
             raise ValueError(f"--noise must be >= 0, got {self.noise}")
         if self.cpus_per_head < 1:
             raise ValueError(f"--cpus-per-head must be at least 1, got {self.cpus_per_head}")
+        for name, low in (("hidden", 1), ("epochs", 1), ("patience", 1), ("batch_size", 1), ("max_pairs", 0),
+                          ("min_position", 0), ("memory_budget_mb", 0), ("block_rows", 1), ("workers", 0),
+                          ("max_retries", 0)):
+            if getattr(self, name) < low:
+                hint = " (0: all pairs)" if name == "max_pairs" else ""
+                raise ValueError(f"--{name.replace('_', '-')} must be at least {low}{hint}, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
 
 
 OPTION_KEYS = ("hidden", "epochs", "patience", "batch_size", "lr", "weight_decay", "cosine_weight",
@@ -104,6 +112,8 @@ def plan_heads(cfg: TrainHeadsConfig) -> tuple[list[HeadSpec], dict]:
     tgt = storage.open_store(cfg.tgt_store)
     al = load_alignment(cfg.align)
     al.check_stores(src, tgt)
+    for store in (src, tgt):
+        store.check_files()  # a damaged store stops here, before any Ray work
     lm = load_layermap(cfg.layermap)
     if lm.source["model"] != src.meta["model"]["name"] or lm.target["model"] != tgt.meta["model"]["name"]:
         raise storage.StoreError(f"--layermap {cfg.layermap} maps {lm.source['model']} -> {lm.target['model']}, "
@@ -121,6 +131,25 @@ def plan_heads(cfg: TrainHeadsConfig) -> tuple[list[HeadSpec], dict]:
               "alignment": {k: al.meta[k] for k in ("n_pairs", "coverage")},
               "layermap": {str(k): v for k, v in sorted(lm.mapping.items())}}
     return specs, inputs
+
+
+# Fewest training pairs a head is fitted on: below it the held-out R² says nothing.
+MIN_TRAIN_PAIRS = 16
+
+
+def check_enough_pairs(cfg: "TrainHeadsConfig", pairs: dict, opts: dict) -> None:
+    """Refuse, before any head task starts, an alignment too small to split into training
+    and held-out segments (one text segment: every head would fail alike)."""
+    _, _, held = split_pairs(pairs, opts)
+    segments = len(set(pairs["segment_id"][(pairs["src_pos"] >= cfg.min_position)
+                                           & (pairs["tgt_pos"] >= cfg.min_position)].tolist()))
+    n_train, n_held = int((~held).sum()), int(held.sum())
+    if segments < 2 or n_held == 0 or n_train < MIN_TRAIN_PAIRS:
+        raise storage.StoreError(
+            f"--align {cfg.align}: {n_train} training and {n_held} held-out pairs from {segments} text segment(s) "
+            f"(after --min-position {cfg.min_position}); train-heads needs at least 2 segments (one is held out) "
+            f"and {MIN_TRAIN_PAIRS} training pairs. Extract more text (a larger --max-tokens) into both stores "
+            f"and align again")
 
 
 def head_hash(spec: HeadSpec, inputs: dict, opts: dict) -> str:
@@ -170,13 +199,14 @@ def _done(out, spec: HeadSpec, digest: str) -> dict | None:
 
 
 def run_train_heads(cfg: TrainHeadsConfig, progress: bool = True) -> dict:
+    out = as_path(cfg.out)
+    specs, inputs = plan_heads(cfg)
+    opts = {k: getattr(cfg, k) for k in OPTION_KEYS}
+    check_enough_pairs(cfg, load_alignment(cfg.align).pairs(), opts)
+    out.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to suffice
     import torch
     from tqdm import tqdm
 
-    out = as_path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    specs, inputs = plan_heads(cfg)
-    opts = {k: getattr(cfg, k) for k in OPTION_KEYS}
     if cfg.noise:  # only then: the hashes of every head fitted without it stay as they were
         opts["noise"] = cfg.noise
     run_opts = {**opts, "memory_budget_mb": cfg.memory_budget_mb, "block_rows": cfg.block_rows}

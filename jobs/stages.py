@@ -9,7 +9,9 @@ two commands that are not stages, submit and bench.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
+from pathlib import Path
 
 from jobs import cli_align, cli_bridge, cli_cache, cli_heads, cli_lora, cli_run
 from jobs.args import Command, add_command
@@ -69,16 +71,62 @@ def run_command(argv: list[str] | None = None, commands: dict[str, Command] = ST
     from storage.layout import StoreError
 
     args = build_parser(commands).parse_args(argv)
+    if getattr(args, "quiet", False):
+        quiet_libraries()
+    out = _new_local_dir(getattr(args, "out", None))
+    code = 1
     try:
         for url in urls_in(vars(args).values()):
             check_location(url)
-        return args.func(args)
+        code = args.func(args)
+        return code
     except (CorpusError, ModelError, StoreError, SiteError, ValueError) as e:
-        print(f"cast {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        code = _fail(args.command, e, 2)
+        return code
     except WorkerLost as e:
-        print(f"cast {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        return _fail(args.command, e, 1)
+    except OSError as e:
+        if e.errno not in UNWRITABLE:
+            raise
+        code = _fail(args.command, f"cannot write {e.filename or 'a file'} ({e.strerror}); choose a writable "
+                                   f"--out, or point CAST_CACHE at a writable directory if it is the cache", 2)
+        return code
     except KeyboardInterrupt:
         print(f"cast {args.command}: interrupted; committed units are kept, re-run to resume", file=sys.stderr)
         return 130
+    finally:
+        if code != 0 and out is not None and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a failed stage leaves no empty --out behind (it did not exist before)
+
+
+# A path the user can fix by choosing another one: read-only, no permission, no space.
+UNWRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR}
+
+
+def _fail(command: str, message, code: int) -> int:
+    print(f"cast {command}: error: {message}", file=sys.stderr)
+    return code
+
+
+def quiet_libraries() -> None:
+    """--quiet silences the libraries' progress bars too (transformers' weight loading, the
+    hub's downloads, any tqdm), here and in the Ray workers started after, which inherit
+    the environment."""
+    import os
+
+    os.environ["TQDM_DISABLE"] = "1"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
+def _new_local_dir(out) -> Path | None:
+    """--out when it is a local path that does not exist yet (so a failure may remove it)."""
+    from storage.fs import is_url
+
+    if not isinstance(out, str) or is_url(out):
+        return None
+    p = Path(out)
+    return None if p.exists() else p

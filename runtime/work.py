@@ -74,13 +74,16 @@ class _Attempts:
 
     def failed(self, item, err: BaseException, lost: bool = False) -> None:
         name = self.label(item)
+        cause = getattr(err, "cause", None) or err  # a Ray task error carries the worker's exception
+        if getattr(cause, "no_retry", False):  # bad input (a damaged store): one line, no retries
+            raise cause from None
         n = self.counts[name] = self.counts.get(name, 0) + 1
         if n > self.retries:
             if lost:  # not the item's fault: say what happened and how to go on, not a traceback
                 raise WorkerLost(f"{name}: its Ray worker died ({str(err).splitlines()[0][:200]}); every item "
                                  f"committed so far is kept, run the same command again to resume") from err
             if self.retries == 0:
-                raise err  # nothing was retried: the caller sees the error itself
+                raise cause from None  # nothing was retried: the caller sees the error itself
             raise RuntimeError(f"{name} failed {n} times; last error: {err}") from err
         print(f"[cast] {name} failed ({type(err).__name__}: {err}); retry {n}/{self.retries}", file=sys.stderr)
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from storage.fs import disk_usage, zarr_store
-from storage.layout import TOKEN_FIELDS, UNITS, act_path, decode, unit_name
+from storage.fs import disk_usage
+from storage.integrity import ChunkError, checked, open_unit
+from storage.layout import TOKEN_FIELDS, UNITS, StoreError, act_path, decode, unit_name
 from storage.reader import ActivationStore, open_store
 from storage.writer import array_hash, read_manifest
 
@@ -53,16 +54,14 @@ def verify(path: str | Path, progress: bool = False) -> VerifyReport:
 
 
 def _verify_unit(store: ActivationStore, row: dict, problems: list[str]) -> None:
-    import zarr
-
     unit, meta = row["unit"], store.meta
     where = store.path / UNITS / unit_name(unit)
     if not where.is_dir():
         problems.append(f"unit {unit}: manifest row exists but {where} is missing")
         return
     try:
-        group = zarr.open_group(zarr_store(where), mode="r", zarr_format=3)
-    except Exception as e:  # noqa: BLE001 - reported, not raised: verify lists all damage
+        group = open_unit(store.path, unit)
+    except StoreError as e:  # reported, not raised: verify lists all damage
         problems.append(f"unit {unit}: cannot open {where}: {e}")
         return
     n = row["n_tokens"]
@@ -74,9 +73,9 @@ def _verify_unit(store: ActivationStore, row: dict, problems: list[str]) -> None
         act_path(layer, site) for layer in meta["layers"] for site in meta["sites"]]
     for name in expected:
         try:
-            data = np.asarray(group[name][:])
-        except Exception as e:  # noqa: BLE001
-            problems.append(f"unit {unit}: {name} unreadable: {e}")
+            data = checked(group, store.path, unit, name)[...]
+        except ChunkError as e:  # "missing" or "fails its check", with the file
+            problems.append(f"unit {unit}: {name}: {e.problem}: {e.file}")
             continue
         if data.shape[0] != n:
             problems.append(f"unit {unit}: {name} has {data.shape[0]} rows, expected {n}")
@@ -92,7 +91,10 @@ def _verify_unit(store: ActivationStore, row: dict, problems: list[str]) -> None
 
 def summary(path: str | Path, sample_tokens: int = 4096) -> dict:
     """Models, corpus, sites, tokens, bytes, and per-(layer, site) norms and spread.
-    Norms are measured on the first `sample_tokens` tokens; mean/std use all tokens."""
+    Norms are measured on `sample_tokens` tokens taken from the start of every unit (so
+    every unit's files are read and checked); mean/std use all tokens."""
+    if sample_tokens < 1:
+        raise ValueError(f"--sample-tokens must be at least 1, got {sample_tokens}")
     store = open_store(path)
     meta = store.meta
     rows = store.manifest
@@ -114,9 +116,14 @@ def summary(path: str | Path, sample_tokens: int = 4096) -> dict:
     }
     if not rows:
         return info
+    store.check_files()
+    starts = np.cumsum([0] + [r["n_tokens"] for r in rows])
+    per = -(-sample_tokens // len(rows))
+    sample = np.concatenate([np.arange(a, min(a + per, b)) for a, b in zip(starts[:-1], starts[1:])])
+    sample = sample[:sample_tokens]
     for layer in meta["layers"]:
         for site in meta["sites"]:
-            x = store.array(layer, site)[:sample_tokens].compute()
+            x = store.array(layer, site)[sample].compute()
             mean, var = store.stats(layer, site)
             norms = np.linalg.norm(x, axis=1)
             info["per_layer"].append({

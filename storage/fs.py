@@ -215,15 +215,46 @@ def check_location(p) -> None:
     if where in _CHECKED:
         return
     try:
-        found = rp.fs.exists(rp.bucket)
-    except Exception as e:  # noqa: BLE001 - botocore's and the others' errors differ; all mean "cannot reach"
-        raise StoreError(f"{p}: cannot reach bucket {rp.bucket!r} ({type(e).__name__}: {e}). Check the credentials "
-                         f"in the environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an "
-                         f"instance role) and the endpoint (AWS_ENDPOINT_URL for an S3-compatible store)") from None
+        found = _bucket_exists(rp)
+    except Exception as e:  # noqa: BLE001 - botocore's and the others' errors differ; sorted out here
+        raise StoreError(f"{p}: {_why_unreachable(rp, e)}") from None
     if not found:
         raise StoreError(f"{p}: bucket {rp.bucket!r} does not exist (or these credentials cannot see it); create it "
                          f"first (e.g. `aws s3 mb {where}`) or fix the URL")
     _CHECKED.add(where)
+
+
+def _bucket_exists(rp: RemotePath) -> bool:
+    """Whether the bucket is there. For S3 one HEAD request whose error is kept: s3fs's
+    exists() turns a refused connection or missing credentials into "no such bucket"."""
+    if rp.protocol not in ("s3", "s3a"):
+        return rp.fs.exists(rp.bucket)
+    try:
+        rp.fs.call_s3("head_bucket", Bucket=rp.bucket)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _why_unreachable(rp: RemotePath, e: Exception) -> str:
+    """Which of endpoint, credentials or bucket failed, and how to check it; never a secret."""
+    kind = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    probe = f"aws s3 ls {rp.protocol}://{rp.bucket}" + (f" --endpoint-url {endpoint}" if endpoint else "")
+    names = " ".join(c.__name__ for c in type(e).__mro__)
+    if "Credentials" in names or "credentials" in str(e).lower() and "unable to locate" in str(e).lower():
+        return (f"no credentials for bucket {rp.bucket!r} ({kind}): none found in the environment; set "
+                f"AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or use an instance role) and check "
+                f"with `aws sts get-caller-identity`")
+    if isinstance(e, PermissionError) or "AccessDenied" in str(e) or "InvalidAccessKeyId" in str(e):
+        return (f"the credentials in the environment may not read bucket {rp.bucket!r} ({kind}); check them "
+                f"with `{probe}`")
+    if "Connect" in names or "Timeout" in names or isinstance(e, OSError):
+        where = f"endpoint {endpoint}" if endpoint else "the default endpoint of the scheme"
+        return (f"cannot reach {where} ({kind}); check AWS_ENDPOINT_URL and the network, e.g. `{probe}`")
+    return (f"cannot reach bucket {rp.bucket!r} ({kind}). Check the credentials in the environment "
+            f"(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role) and the endpoint "
+            f"(AWS_ENDPOINT_URL for an S3-compatible store), e.g. `{probe}`")
 
 
 def urls_in(values) -> list[str]:

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 # 2: one stats array per site (format 1 had one per layer and site, and ~4 ms of zarr
-# overhead each per unit). See docs/design.md#store-format.
-FORMAT_VERSION = 2
+# overhead each per unit). 3: a crc32c on every chunk and one file per array, so a read
+# finds damage (storage/integrity.py). See docs/design.md#store-format.
+FORMAT_VERSION = 3
 META_KEY = "cast"
 UNITS = "units"
 MANIFEST = "manifest"
@@ -37,6 +38,8 @@ FLOAT16_MAX = 65504.0
 
 class StoreError(ValueError):
     """A store that is missing, damaged or not what the caller expected."""
+
+    no_retry = True  # runtime.work: retrying a read of a damaged store cannot help
 
 
 def unit_name(unit: int) -> str:

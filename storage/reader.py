@@ -22,7 +22,8 @@ import zarr
 from storage.layout import (
     FORMAT_VERSION, META_KEY, TOKEN_FIELDS, UNITS, StoreError, act_path, decode, stats_path, unit_name,
 )
-from storage.fs import RemotePath, as_path, check_location, zarr_store
+from storage.fs import RemotePath, as_path, check_location
+from storage.integrity import checked, missing_files, open_unit
 from storage.writer import read_manifest
 
 # What a caller may pin when opening a store, and where each lives in the metadata.
@@ -49,8 +50,16 @@ class ActivationStore:
 
     @cached_property
     def manifest(self) -> list[dict]:
+        """Committed units' rows. A row whose unit directory is gone is damage, not a
+        smaller store: reading on would shift every row index after it."""
         rows = read_manifest(self.path)
-        return [r for r in rows if (self.path / UNITS / unit_name(r["unit"])).is_dir()]
+        for r in rows:
+            where = self.path / UNITS / unit_name(r["unit"])
+            if not where.is_dir():
+                raise StoreError(f"{self.path}: unit {r['unit']} is committed (manifest/{unit_name(r['unit'])}"
+                                 f".parquet) but its directory {where} is missing; the store is damaged. Delete "
+                                 f"that manifest row and rerun the same `cast extract` to redo the unit")
+        return rows
 
     @property
     def units(self) -> list[int]:
@@ -73,7 +82,24 @@ class ActivationStore:
         return list(self.meta["layers"])
 
     def _group(self, unit: int) -> zarr.Group:
-        return zarr.open_group(zarr_store(self.path / UNITS / unit_name(unit)), mode="r", zarr_format=3)
+        return open_unit(self.path, unit)
+
+    def check_files(self) -> None:
+        """Fail, naming the first, if a chunk file of any committed unit is missing (one
+        listing per unit, no data read; `cast verify` lists them all). Done once before this
+        store's first read, so a stage that reads only part of a store still refuses a
+        damaged one."""
+        if getattr(self, "_files_checked", False):
+            return
+        missing = missing_files(self, self.units)
+        if missing:
+            raise missing[0]
+        self._files_checked = True
+
+    def _part(self, unit: int, name: str) -> da.Array:
+        arr = checked(self._group(unit), self.path, unit, name)
+        return da.from_array(arr, chunks=arr._a.chunks, asarray=False, lock=False, fancy=False,
+                             name=f"cast-{self.path}-{unit}-{name}", meta=np.empty((0,) * arr.ndim, arr.dtype))
 
     def _check(self, layer: int, site: str) -> None:
         if site not in self.meta["sites"]:
@@ -86,8 +112,8 @@ class ActivationStore:
     def raw_array(self, layer: int, site: str) -> da.Array:
         """The stored values as written (uint16 bit patterns for bfloat16)."""
         self._check(layer, site)
-        parts = [da.from_zarr(self._group(u)[act_path(layer, site)]) for u in self.units]
-        return da.concatenate(parts, axis=0)
+        self.check_files()
+        return da.concatenate([self._part(u, act_path(layer, site)) for u in self.units], axis=0)
 
     def array(self, layer: int, site: str) -> da.Array:
         """(tokens, dim) float32 dask array of one (layer, site) across committed units."""
@@ -97,16 +123,18 @@ class ActivationStore:
     def tokens(self) -> dict[str, da.Array]:
         """Per-token metadata, row-aligned with every `array(...)`."""
         out = {}
+        self.check_files()
         for field in TOKEN_FIELDS:
-            parts = [da.from_zarr(self._group(u)[f"meta/{field}"]) for u in self.units]
+            parts = [self._part(u, f"meta/{field}") for u in self.units]
             out[field] = da.concatenate(parts, axis=0) if parts else da.zeros((0,), dtype=np.int64)
         return out
 
     def stats(self, layer: int, site: str) -> tuple[np.ndarray, np.ndarray]:
         """Mean and variance per dimension, merged from per-unit float64 sums."""
         self._check(layer, site)
+        self.check_files()
         row = sorted(self.layers).index(layer)  # the writer's row order
-        total = sum(np.asarray(self._group(u)[stats_path(site)][row]) for u in self.units)
+        total = sum(checked(self._group(u), self.path, u, stats_path(site))[row] for u in self.units)
         n = self.n_tokens
         mean = total[0] / n
         var = np.maximum(total[1] / n - mean**2, 0.0)
@@ -129,7 +157,8 @@ def open_store(path: str | Path, expect: dict | None = None) -> ActivationStore:
         raise StoreError(f"{path} is a zarr group but not a CAST store (no '{META_KEY}' attributes)")
     if meta.get("format_version") != FORMAT_VERSION:
         raise StoreError(f"{path} was written in store format {meta.get('format_version')}; this CAST reads "
-                         f"format {FORMAT_VERSION}. Re-extract it with `cast extract` into a new --out")
+                         f"format {FORMAT_VERSION} (checksummed chunks). Re-extract it with `cast extract` into a "
+                         f"new --out (same flags), then delete the old one")
     store = ActivationStore(path=path, meta=meta)
     if expect:
         check_expectations(store, expect)

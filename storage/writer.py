@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from storage.files import TMP_PREFIX, atomic_path
 from storage.fs import arrow_source, as_path, rmtree
@@ -44,6 +44,9 @@ def create_store(path: Path, meta: dict) -> None:
     """Create an empty store whose root attrs hold `meta`; refuses to touch anything else."""
     path = as_path(path)
     if path.exists() and any(path.iterdir()):
+        if (path / UNITS).exists() or (path / MANIFEST).exists():
+            raise StoreError(f"{path} holds the remains of a store whose root (zarr.json) is gone, so it cannot "
+                             f"be resumed; delete {path} and rerun the same `cast extract` to start over")
         raise StoreError(f"{path} exists and is not empty; refusing to overwrite it")
     with atomic_path(path) as tmp:  # the root zarr.json lands last: a store is whole once it is there
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3, attributes={META_KEY: meta})
@@ -64,6 +67,21 @@ def clean_leftovers(path: Path, committed: set[int]) -> list[str]:
     for f in (as_path(path) / MANIFEST).glob(f"{TMP_PREFIX}*"):
         f.unlink(missing_ok=True)
     return removed
+
+
+def _check_root(path, unit: int) -> None:
+    """A store removed while it is written must fail the run, not end in "done" with
+    units committed into a directory that is no store."""
+    if not (path / "zarr.json").exists():
+        raise StoreError(f"{path}: the store vanished while unit {unit} was written (no zarr.json); delete what "
+                         f"is left at {path} and rerun the same `cast extract`")
+
+
+def _codecs(level: int) -> list:
+    """zstd, then a crc32c of the compressed bytes: every read checks them
+    (storage/integrity.py). write_empty_chunks everywhere: each array is exactly one file,
+    so an absent file is always damage, never "all fill value"."""
+    return [ZstdCodec(level=level), Crc32cCodec()]
 
 
 def array_hash(a: np.ndarray) -> str:
@@ -91,6 +109,7 @@ def write_unit(
     path = as_path(path)
     name = unit_name(unit)
     n = len(tokens["token_id"])
+    _check_root(path, unit)
     hashes, nbytes = {}, 0
     # The unit directory is renamed into place first (replacing an uncommitted leftover of a
     # killed attempt at this unit), its manifest row second: the row is the commit point.
@@ -99,7 +118,8 @@ def write_unit(
                                 attributes={"unit": unit, "n_tokens": n, "segments": list(segments)})
         for field in TOKEN_FIELDS:
             arr = np.ascontiguousarray(tokens[field], dtype=np.int64)
-            group.create_array(f"meta/{field}", data=arr, chunks=(max(1, n),), compressors=ZstdCodec(level=3))
+            group.create_array(f"meta/{field}", data=arr, chunks=(max(1, n),), compressors=_codecs(3),
+                               config={"write_empty_chunks": True})
             hashes[f"meta/{field}"] = array_hash(arr)
         on_disk = STORAGE_DTYPES[dtype]
         for (layer, site), arr in acts.items():
@@ -109,7 +129,7 @@ def write_unit(
             ct = min(chunk_tokens(arr.shape[1], arr.itemsize), max(1, n))
             shard = -(-max(1, n) // ct) * ct  # one shard per array per unit: a single writer owns it
             group.create_array(act_path(layer, site), data=arr, chunks=(ct, arr.shape[1]),
-                               shards=(shard, arr.shape[1]), compressors=ZstdCodec(level=1),
+                               shards=(shard, arr.shape[1]), compressors=_codecs(1),
                                # activations are never all fill value: skip zarr's per-chunk
                                # "is it empty?" scan (~15% of the write's CPU, see docs/design.md#store-format)
                                config={"write_empty_chunks": True})
@@ -121,7 +141,9 @@ def write_unit(
                 raise StoreError(f"unit {unit}: site {site} has layers {layers}, other sites have "
                                  f"{sorted({layer for layer, _ in acts})}; every site needs every layer")
             rows = np.stack([stats[(layer, site)] for layer in layers]).astype(np.float64)
-            group.create_array(stats_path(site), data=rows)
+            group.create_array(stats_path(site), data=rows, chunks=rows.shape, compressors=_codecs(3),
+                               config={"write_empty_chunks": True})
+    _check_root(path, unit)  # the rename above would have made the directories again
     row = {
         "unit": unit, "first_segment": segments[0], "last_segment": segments[1], "n_tokens": n,
         "nbytes": nbytes, "hashes": json.dumps(hashes, sort_keys=True), "seconds": seconds,

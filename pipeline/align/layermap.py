@@ -68,6 +68,14 @@ class LayermapConfig:
     at layer 0, SmolLM2 dim 507 at layer 5), which makes raw CKA a test of one feature.
     --no-standardize gives plain linear CKA."""
 
+    def __post_init__(self):
+        if self.n_pairs < 2:
+            raise ValueError(f"--n-pairs must be at least 2, got {self.n_pairs}")
+        if self.outlier_norm < 0:
+            raise ValueError(f"--outlier-norm must be >= 0 (0 keeps every pair), got {self.outlier_norm}")
+        if self.min_position < 0:
+            raise ValueError(f"--min-position must be >= 0, got {self.min_position}")
+
 
 # ----------------------------------------------------------------------------- maths
 
@@ -229,8 +237,6 @@ def peak_rss_mib() -> float:
 def run_layermap(cfg: LayermapConfig, progress: bool = False) -> dict:
     """Compute the CKA matrix and both layer maps; write layermap.json + heatmap.png."""
     t0 = time.perf_counter()
-    if cfg.n_pairs < 2:
-        raise ValueError(f"--n-pairs must be at least 2, got {cfg.n_pairs}")
     src, tgt = storage.open_store(cfg.src_store), storage.open_store(cfg.tgt_store)
     check_same_text(src, tgt)
     for s in (src, tgt):

@@ -52,6 +52,10 @@ class AlignConfig:
     row_group: int = 262_144
     """Pairs buffered before a Parquet row group is written (bounds memory)."""
 
+    def __post_init__(self):
+        if self.row_group < 1:
+            raise ValueError(f"--row-group must be at least 1, got {self.row_group}")
+
 
 # ----------------------------------------------------------------------------- pure core
 

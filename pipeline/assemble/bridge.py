@@ -53,17 +53,25 @@ def read_lora(adapter_dir: str | Path) -> LoraWeights:
     if not cfg_file.is_file() or not weights.is_file():
         raise BridgeError(f"--adapter {d}: expected a PEFT adapter directory with adapter_config.json "
                           f"and adapter_model.safetensors")
-    cfg = json.loads(cfg_file.read_text())
+    try:
+        cfg = json.loads(cfg_file.read_text())
+        r = cfg["r"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise BridgeError(f"--adapter {d}: {cfg_file} is not a valid adapter config ({type(e).__name__}: "
+                          f"{str(e)[:100]}); rewrite it or train the adapter again") from None
     if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora") or cfg.get("modules_to_save"):
         raise BridgeError(f"--adapter {d}: only plain LoRA adapters can be bridged (no DoRA, no "
                           f"modules_to_save); this one has peft_type={cfg.get('peft_type')}, "
                           f"use_dora={cfg.get('use_dora')}, modules_to_save={cfg.get('modules_to_save')}")
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise BridgeError(f"--adapter {d}: per-module rank/alpha patterns are not supported")
-    r = cfg["r"]
     scale = cfg["lora_alpha"] / (r ** 0.5 if cfg.get("use_rslora") else r)
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    tensors = load(weights.read_bytes()) if isinstance(weights, RemotePath) else load_file(str(weights))
+    try:
+        tensors = load(weights.read_bytes()) if isinstance(weights, RemotePath) else load_file(str(weights))
+    except Exception as e:  # noqa: BLE001 - safetensors' own error type names no file
+        raise BridgeError(f"--adapter {d}: {weights} is not a readable safetensors file ({str(e)[:100]}); "
+                          f"the adapter is damaged, train or copy it again") from None
     for key, value in tensors.items():
         m = _KEY.search(key)
         if not m:

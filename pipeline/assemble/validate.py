@@ -75,6 +75,11 @@ class ValidateConfig:
     device: str | None = None
     """torch device; default CUDA when present, else CPU."""
 
+    def __post_init__(self):
+        for name, low in (("limit", 1), ("batch_size", 1), ("n_boot", 1), ("offtask_sequences", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
+
 
 @dataclass(frozen=True)
 class System:

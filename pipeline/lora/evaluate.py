@@ -38,7 +38,7 @@ class EvalConfig:
     normalise: str = "strip"
     """Normalisation for --task-file answers: strip, lower, number or label."""
     limit: int | None = None
-    """Score only the first N test examples."""
+    """Score only the first N test examples (N >= 1; omit the flag to score all)."""
     batch_size: int = 16
     """Prompts decoded together (left-padded)."""
     max_new_tokens: int | None = None
@@ -55,6 +55,13 @@ class EvalConfig:
     """CPU threads for torch (default: torch's choice)."""
     allow_overlap: bool = False
     """Score even if test prompts occur in the adapter's training data."""
+
+    def __post_init__(self):
+        for name in ("limit", "batch_size", "max_new_tokens", "n_boot", "threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                hint = " (omit --limit to score every test example)" if name == "limit" else ""
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}{hint}")
 
 
 @dataclass

@@ -62,6 +62,12 @@ class LoraTrainConfig:
     force: bool = False
     """Replace a non-empty --out directory."""
 
+    def __post_init__(self):
+        for name in ("rank", "steps", "batch_size", "threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
 
 @dataclass
 class LoraTrainResult:

@@ -10,7 +10,8 @@ from jobs.cli import main
 RATIOS = ("a_extract_vs_forward", "a_extract_vs_backbone", "b_extract_vs_naive", "c_store_vs_recompute",
           "c_store_kept_vs_recompute", "d_extract_peak_4n_over_n", "d_process_peak_4n_over_n",
           "e_store_vs_raw", "e_store_vs_float32", "a_partner_extract_vs_forward", "a_partner_extract_vs_backbone",
-          "w_writer_vs_plain", "g_proxy_cached_per_token_512_over_32", "g_proxy_cached_vs_target_tokens_per_s_128")
+          "w_writer_vs_plain", "f_checksum_vs_extract", "f_checksum_vs_read", "f_listing_vs_read",
+          "g_proxy_cached_per_token_512_over_32", "g_proxy_cached_vs_target_tokens_per_s_128")
 
 
 def test_bench_reports_every_ratio(tmp_path, corpus_dir, capsys):
@@ -40,4 +41,5 @@ def test_bench_reports_every_ratio(tmp_path, corpus_dir, capsys):
     assert "| a_extract_vs_forward |" in printed and "(a) where extraction's time goes" in printed
     assert "| proxy_cached |" in printed
     assert "| w_writer_vs_plain |" in printed and "(w) the store's unit writer alone" in printed
+    assert "| f_checksum_vs_extract |" in printed and "(f) integrity:" in printed
     assert not any((tmp_path / "work").iterdir())  # scratch stores and dumps cleaned up
