@@ -29,7 +29,8 @@ def test_cast_run_on_tiny_models_then_resume(tmp_path, corpus_dir, capsys):
     assert "target + CAST (ridge)" in (run / "report.md").read_text()
     summary = json.loads((run / "run.json").read_text())  # where the run's time went, stage by stage
     assert list(summary["timings"]) == ["lora add2", "extract source", "verify source", "extract target",
-                                        "verify target", "align", "layermap", "train heads", "validate add2"]
+                                        "verify target", "align", "layermap", "train heads", "distill add2",
+                                        "validate add2"]
     assert all(s > 0 for s in summary["timings"].values())
     assert 0 <= summary["unaccounted_seconds"] < summary["seconds"]
     assert summary["extraction"]["target"]["extracted_tokens"] > 0
