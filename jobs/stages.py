@@ -66,6 +66,7 @@ def run_command(argv: list[str] | None = None, commands: dict[str, Command] = ST
     from pipeline.cache.corpus import CorpusError
     from pipeline.cache.hooks import SiteError
     from pipeline.cache.models import ModelError
+    from pipeline.cache.writeback import UnitWriteError
     from runtime.work import WorkerLost
     from storage.fs import check_location, urls_in
     from storage.layout import StoreError
@@ -85,6 +86,13 @@ def run_command(argv: list[str] | None = None, commands: dict[str, Command] = ST
         return code
     except WorkerLost as e:
         return _fail(args.command, e, 1)
+    except UnitWriteError as e:  # a unit's write failed on the writer thread: say why, as if inline
+        cause = getattr(e, "error", None)
+        if isinstance(cause, (StoreError, ValueError)):
+            code = _fail(args.command, cause, 2)
+        else:
+            code = _fail(args.command, e, 1)
+        return code
     except OSError as e:
         if e.errno not in UNWRITABLE:
             raise

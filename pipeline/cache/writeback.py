@@ -92,8 +92,10 @@ class WriteBehind:
         try:
             fut.result()
         except Exception as err:  # noqa: BLE001 - re-raised naming the unit
-            raise UnitWriteError(f"unit {unit}: writing it to the store failed ({type(err).__name__}: {err}); "
-                                 f"it was not committed, and a re-run redoes it") from err
+            failed = UnitWriteError(f"unit {unit}: writing it to the store failed ({type(err).__name__}: {err}); "
+                                    f"it was not committed, and a re-run redoes it")
+            failed.error = err  # kept apart from __cause__, which retry layers may clear
+            raise failed from err
 
 
 def _done(fn: Callable, *args) -> Future:
