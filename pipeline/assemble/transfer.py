@@ -107,6 +107,7 @@ def run_proxy(cfg: TransferConfig, adapters: list[str], weights: list[float], ou
 
     if len(adapters) > 1 or weights != [1.0]:
         raise BridgeError("--kind proxy carries one adapter at weight 1; compose several with --kind mlp or ridge")
+    lw = read_lora(adapters[0])  # first: a directory that is no adapter is named as such
     if cfg.heads:
         hs = load_heads(cfg.heads)
         check_base(adapters[0], hs)
@@ -121,7 +122,6 @@ def run_proxy(cfg: TransferConfig, adapters: list[str], weights: list[float], ou
         info = resolve(cfg.target)[1] or {"name": cfg.target, "weights_hash": ""}
         source = {"model": meta["base"]["name"], "weights_hash": meta["base"]["weights_hash"]}
         target = {"model": info["name"], "weights_hash": info["weights_hash"]}
-    lw = read_lora(adapters[0])
     entries = [{"dir": "adapters/0", "origin": str(adapters[0]), "weight": 1.0, "modules": lw.modules,
                 "assignment": {}}]
     manifest = {"kind": PROXY_KIND, "version": 1, "source": source, "target": target, "head_kind": "proxy",
