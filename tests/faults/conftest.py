@@ -26,10 +26,14 @@ def cast(capsys, *argv) -> tuple[int, str, str]:
 @pytest.fixture(scope="session")
 def pair(tmp_path_factory, corpus_dir) -> Path:
     """src.zarr (tiny-llama), tgt.zarr (tiny-gemma3), align/, map/: every unit committed."""
-    root = tmp_path_factory.mktemp("pair")
+    return make_pair(tmp_path_factory.mktemp("pair"), corpus_dir, EXTRACT)
+
+
+def make_pair(root: Path, corpus_dir, extract: list[str]) -> Path:
+    """Both tiny stores extracted with `extract`, aligned and layer-mapped under root."""
     for name, model in (("src", "tiny-llama"), ("tgt", "tiny-gemma3")):
         assert main(["extract", "--model", model, "--out", str(root / f"{name}.zarr"),
-                     "--corpus", str(corpus_dir), *EXTRACT]) == 0
+                     "--corpus", str(corpus_dir), *extract]) == 0
     assert main(["align", str(root / "src.zarr"), str(root / "tgt.zarr"), "--out", str(root / "align")]) == 0
     assert main(["layermap", str(root / "src.zarr"), str(root / "tgt.zarr"), "--align", str(root / "align"),
                  "--out", str(root / "map")]) == 0

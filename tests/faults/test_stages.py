@@ -38,17 +38,10 @@ def test_store_removed_during_extraction_fails_and_rerun_says_how_to_recover(tmp
 @pytest.fixture(scope="module")
 def one_segment(tmp_path_factory, corpus_dir):
     """Two stores of a single text segment each, aligned and layer-mapped."""
-    from jobs.cli import main
+    from tests.faults.conftest import make_pair
 
-    root = tmp_path_factory.mktemp("small")
-    small = ["--max-tokens", "400", "--sites", "resid", "--workers", "0", "--quiet"]
-    for name, model in (("src", "tiny-llama"), ("tgt", "tiny-gemma3")):
-        assert main(["extract", "--model", model, "--out", str(root / f"{name}.zarr"),
-                     "--corpus", str(corpus_dir), *small]) == 0
-    assert main(["align", str(root / "src.zarr"), str(root / "tgt.zarr"), "--out", str(root / "align")]) == 0
-    assert main(["layermap", str(root / "src.zarr"), str(root / "tgt.zarr"), "--align", str(root / "align"),
-                 "--out", str(root / "map")]) == 0
-    return root
+    return make_pair(tmp_path_factory.mktemp("small"), corpus_dir,
+                     ["--max-tokens", "400", "--sites", "resid", "--workers", "0", "--quiet"])
 
 
 def test_train_heads_refuses_a_one_segment_store_before_any_ray_work(one_segment, capsys, monkeypatch):
