@@ -33,6 +33,22 @@ def gather(arr: da.Array, rows: np.ndarray) -> np.ndarray:
     return out
 
 
+def row_stats(arr: da.Array, rows: np.ndarray, block_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 mean and (population) variance per dimension over `rows`, in bounded memory.
+    Blocks are merged by Chan's update, not from raw sums of squares: Gemma-3's activations reach
+    ~1e5, where E[x²] - E[x]² loses the variance of a narrow dimension."""
+    rows = np.sort(rows)  # sequential reads; the order of rows does not change the statistics
+    n, mean, m2 = 0, np.zeros(arr.shape[1]), np.zeros(arr.shape[1])
+    for start in range(0, len(rows), block_rows):
+        b = gather(arr, rows[start: start + block_rows]).astype(np.float64)
+        nb, mb = len(b), b.mean(0)
+        delta, total = mb - mean, n + nb
+        mean = mean + delta * nb / total
+        m2 = m2 + ((b - mb) ** 2).sum(0) + delta ** 2 * n * nb / total
+        n = total
+    return mean, m2 / max(n, 1)
+
+
 @dataclass
 class PairLoader:
     """Minibatches of (x, y) standardised float32 tensors for a set of aligned rows."""

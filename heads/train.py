@@ -12,11 +12,13 @@ import numpy as np
 import torch
 
 import storage
-from heads.data import PairLoader, heldout_mask
+from heads.data import PairLoader, heldout_mask, row_stats
 from heads.modules import HeadConfig, ProjectionHead
 from storage.artifacts import load_alignment
 
 RIDGE_LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+STATS = ("store", "pairs")
+"""Where the standardisation statistics come from (`cast train-heads --stats`)."""
 
 
 @dataclass(frozen=True)
@@ -195,8 +197,12 @@ def fit_head(spec: HeadSpec, paths: dict, opts: dict) -> tuple[ProjectionHead, d
     else:
         (xs, xl, xr), (ys, yl, yr) = (src, spec.source_layer, src_rows), (tgt, spec.target_layer, tgt_rows)
     x, y = xs.array(xl, spec.site), ys.array(yl, spec.site)
-    x_mean, x_var = xs.stats(xl, spec.site)
-    y_mean, y_var = ys.stats(yl, spec.site)
+    if opts.get("stats", "store") == "pairs":  # the rows trained on: no sinks, nothing held out
+        x_mean, x_var = row_stats(x, xr[~held], opts["block_rows"])
+        y_mean, y_var = row_stats(y, yr[~held], opts["block_rows"])
+    else:
+        x_mean, x_var = xs.stats(xl, spec.site)
+        y_mean, y_var = ys.stats(yl, spec.site)
     x_std, y_std = np.sqrt(x_var) + 1e-6, np.sqrt(y_var) + 1e-6
     common = dict(x=x, y=y, x_mean=x_mean, x_std=x_std, y_mean=y_mean, y_std=y_std,
                   batch_size=opts["batch_size"], memory_budget_mb=opts["memory_budget_mb"] / 2,

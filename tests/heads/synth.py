@@ -26,13 +26,17 @@ def _meta(name: str, dim: int, plan) -> dict:
     }
 
 
-def build(root: Path, fn, n_tokens: int = 6000, d_src: int = 16, d_tgt: int = 12, seed: int = 0) -> dict:
-    """Source X ~ N(0, 1) (with per-dim scales); target Y = fn(X). Returns artifact paths."""
+def build(root: Path, fn, n_tokens: int = 6000, d_src: int = 16, d_tgt: int = 12, seed: int = 0,
+          sink: float = 1.0) -> dict:
+    """Source X ~ N(0, 1) (with per-dim scales); target Y = fn(X). Returns artifact paths.
+    sink > 1 makes every segment's position-0 row an outlier, sink·(x + 1), as attention sinks are."""
     rng = np.random.default_rng(seed)
+    seg_len, per_unit = 50, 1000
     x = (rng.standard_normal((n_tokens, d_src)) * rng.uniform(0.5, 3, d_src)).astype(np.float32)
+    if sink != 1.0:
+        x[::seg_len] = sink * (x[::seg_len] + 1)
     y = np.asarray(fn(x), dtype=np.float32)
     assert y.shape == (n_tokens, d_tgt)
-    seg_len, per_unit = 50, 1000
     plan = [[u * per_unit // seg_len, (u + 1) * per_unit // seg_len - 1, per_unit]
             for u in range(n_tokens // per_unit)]
     paths = {}

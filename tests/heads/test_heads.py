@@ -188,3 +188,38 @@ def test_noise_makes_heads_worse_by_a_known_amount_and_leaves_other_hashes_alone
     assert r_clean > 0.99 and 0.3 < r_noisy < 0.95, (r_clean, r_noisy)
     with pytest.raises(ValueError, match="--noise"):
         TrainHeadsConfig(**common, out="x", noise=-1)
+
+
+def test_stats_pairs_standardise_over_exactly_the_training_rows(tmp_path):
+    """--stats pairs: each head's means and stds are those of the rows it trains on (no position-0
+    sinks, nothing held out); --stats store (the default) keeps the store's, sinks included."""
+    from heads.data import gather
+    from heads.train import split_pairs
+    from storage.artifacts import load_alignment
+
+    paths = build(tmp_path, linear, d_src=12, sink=100.0)
+    common = dict(**paths, workers=0, kinds="ridge")
+    index = run_train_heads(TrainHeadsConfig(**common, out=str(tmp_path / "p"), stats="pairs", block_rows=700),
+                            progress=False)  # statistics merged over several blocks
+    assert index["options"]["stats"] == "pairs"
+    src_rows, tgt_rows, held = split_pairs(load_alignment(paths["align"]).pairs(), index["options"])
+    stores = {side: storage.open_store(paths[f"{side}_store"]) for side in ("src", "tgt")}
+    rows = {"src": src_rows[~held], "tgt": tgt_rows[~held]}
+    by_hand = {side: gather(stores[side].array(0, "attn_in"), rows[side]).astype(np.float64) for side in rows}
+    hs = load_heads(tmp_path / "p")
+    for direction, (x_side, y_side) in (("encoder", ("tgt", "src")), ("decoder", ("src", "tgt"))):
+        head = hs.head(direction, 0, "attn_in", "ridge")
+        for got, side in ((head.in_mean, x_side), (head.out_mean, y_side)):
+            np.testing.assert_allclose(got.numpy(), by_hand[side].mean(0), rtol=1e-5, atol=1e-4)
+        for got, side in ((head.in_std, x_side), (head.out_std, y_side)):
+            np.testing.assert_allclose(got.numpy(), by_hand[side].std(0) + 1e-6, rtol=1e-5)
+    assert min(r2s(index, "decoder", "ridge")) > 0.99
+    # The default is what it was: the store's statistics over every token, the sinks inflating them.
+    store = run_train_heads(TrainHeadsConfig(**common, out=str(tmp_path / "p")), progress=False)
+    assert store["options"]["stats"] == "store" and not any(h.get("skipped") for h in store["heads"])
+    mean, var = stores["tgt"].stats(0, "attn_in")
+    enc = load_heads(tmp_path / "p").head("encoder", 0, "attn_in", "ridge")
+    np.testing.assert_allclose(enc.in_std.numpy(), np.sqrt(var) + 1e-6, rtol=1e-5)
+    assert (enc.in_std.numpy() / (by_hand["tgt"].std(0) + 1e-6)).min() > 2
+    with pytest.raises(ValueError, match="--stats 'all': choose 'store' or 'pairs'"):
+        TrainHeadsConfig(**common, out="x", stats="all")
