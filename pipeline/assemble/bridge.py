@@ -87,6 +87,9 @@ def read_lora(adapter_dir: str | Path) -> LoraWeights:
     return LoraWeights(layers=layers, scale=scale, config=cfg)
 
 
+CARRY = ("all", "mapped")
+
+
 def assign_layers(source_layers: list[int], mapping: dict[int, int], carry: str) -> dict[int, list[int]]:
     """target layer -> source LoRA layers applied there.
     'mapped': only the source layer the layer map chose for each target layer;
@@ -102,8 +105,56 @@ def assign_layers(source_layers: list[int], mapping: dict[int, int], carry: str)
             t = min(mapping, key=lambda t: (abs(mapping[t] - s), t))
             out[t].append(s)
     else:
-        raise BridgeError(f"--carry {carry!r}: choose 'mapped' or 'all'")
+        raise BridgeError(f"--carry {carry!r}: choose 'all' or 'mapped'")
     return {t: sorted(v) for t, v in out.items() if v}
+
+
+FIRST_TOKEN = ("bridge", "keep")
+"""--first-token: 'bridge' adds the change at every position; 'keep' leaves each sequence's first real
+token as the target computes it."""
+
+
+def check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"--{flag} {value!r}: choose {' or '.join(repr(c) for c in choices)}")
+
+
+def first_real(args: tuple, kwargs: dict) -> torch.Tensor:
+    """(batch or 1, n) bool, True at each sequence's first real token among the n positions a
+    decoder call runs. Read from the 2-D attention mask where there is one (left padding, and a
+    cached step whose mask spans the past too), else from position ids, else from the cache length."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    n = (ids if ids is not None else kwargs["inputs_embeds"]).shape[1]
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        real = mask.bool()
+        return (real & (real.long().cumsum(-1) == 1))[:, -n:]
+    if kwargs.get("position_ids") is not None:
+        return kwargs["position_ids"][..., -n:] == 0
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    past = cache.get_seq_length() if cache is not None else 0
+    return (torch.arange(n) + past == 0)[None]
+
+
+class FirstToken:
+    """Where the first real tokens are in the decoder call running now, for bridges that leave
+    them alone: head training never sees position 0 (Gemma-3's <bos> attention sink, whose
+    v_proj value every later token reads), so a change decoded there is extrapolated."""
+
+    def __init__(self):
+        self.where: torch.Tensor | None = None
+
+    def before(self, module, args, kwargs):
+        self.where = first_real(args, kwargs)
+
+    def after(self, module, args, kwargs, output):
+        self.where = None  # a stale mask must never be read by a later, differently shaped call
+
+    def zero_first(self, d: torch.Tensor) -> torch.Tensor:
+        if self.where is None:
+            raise BridgeError("--first-token keep: a bridged module ran outside its decoder's forward, so where "
+                              "each sequence starts is unknown; call the model (or its decoder)")
+        return d.masked_fill(self.where.to(d.device)[..., None], 0)
 
 
 class SiteBridge(nn.Module):
@@ -113,6 +164,7 @@ class SiteBridge(nn.Module):
                  loras: list[tuple[torch.Tensor, torch.Tensor, float]]):
         super().__init__()
         self.enc_in, self.dec_out, self.enc_out = enc_in, dec_out, enc_out
+        self.first: FirstToken | None = None  # set by attach for --first-token keep
         self.scales = [s for _, _, s in loras]
         for i, (a, b, _) in enumerate(loras):  # buffers: frozen, and moved with the model
             self.register_buffer(f"A{i}", a.float())   # (r, in_s)
@@ -128,13 +180,24 @@ class SiteBridge(nn.Module):
         return (self.dec_out(y_s + d_s) - self.dec_out(y_s)).to(y_t.dtype)
 
     def hook(self, module, args, output):
-        return output + self.delta(args[0], output)
+        d = self.delta(args[0], output)
+        return output + (d if self.first is None else self.first.zero_first(d))
 
 
-def attach(model: nn.Module, bridges: dict[tuple[int, str], SiteBridge]) -> list:
-    """Register one forward hook per bridged target module; returns the handles."""
-    _, blocks = get_layer_list(model)
+def attach(model: nn.Module, bridges: dict[tuple[int, str], SiteBridge], first_token: str = "bridge") -> list:
+    """Register one forward hook per bridged target module (and, for first_token 'keep', two on the
+    decoder that owns the blocks, which every caller runs: model(...) and causal_lm_logits alike);
+    returns the handles."""
+    check_choice("first-token", first_token, FIRST_TOKEN)
+    path, blocks = get_layer_list(model)
     handles = []
+    if first_token == "keep":
+        first = FirstToken()
+        decoder = model.get_submodule(path.rpartition(".")[0])
+        handles.append(decoder.register_forward_pre_hook(first.before, with_kwargs=True))
+        handles.append(decoder.register_forward_hook(first.after, with_kwargs=True))
+        for bridge in bridges.values():
+            bridge.first = first
     for (layer, module), bridge in sorted(bridges.items()):
         handles.append(find_linear(blocks[layer], module).register_forward_hook(bridge.hook))
     model._cast_bridges = nn.ModuleDict({f"L{l}_{m}": b for (l, m), b in bridges.items()})

@@ -133,7 +133,8 @@ def provenance(path: Path, manifest: dict) -> dict:
     heads = sorted((h["name"], sha256_file(hs.path / f"{h['name']}.safetensors")) for h in hs.index["heads"])
     return {"kind": EXPORT_KIND, "version": 1, "target": manifest["target"], "source": manifest["source"],
             "bridged": {"path": str(path), "manifest_sha256": sha256_file(path / MANIFEST),
-                        "head_kind": manifest["head_kind"], "carry": manifest["carry"]},
+                        "head_kind": manifest["head_kind"], "carry": manifest["carry"],
+                        "first_token": manifest.get("first_token", "bridge")},
             "adapters": [{"origin": e["origin"], "weight": e["weight"],
                           "sha256": sha256_file(path / e["dir"] / "adapter_model.safetensors")}
                          for e in manifest["adapters"]],

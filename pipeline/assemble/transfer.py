@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from heads.headset import INDEX, HeadSet, load_heads
-from pipeline.assemble.bridge import BridgeError, SiteBridge, assign_layers, attach, read_lora
+from pipeline.assemble.bridge import (CARRY, FIRST_TOKEN, BridgeError, SiteBridge, assign_layers, attach,
+                                      check_choice, read_lora)
 from pipeline.cache.hooks import IN_SITE, out_site
 from storage.artifacts import BRIDGED_KIND, PROXY_KIND, is_kind
 from storage.files import atomic_path
@@ -50,10 +51,19 @@ class TransferConfig:
     carry: str = "all"
     """'all': every source LoRA layer is applied at the target layer whose mapped source layer is
     nearest; 'mapped': only the source layer chosen for each target layer."""
+    first_token: str = "bridge"
+    """--kind mlp or ridge: 'bridge' (default) adds the decoded change at every position; 'keep' leaves each
+    sequence's first real token (after left padding) as the target computes it: heads are never trained there,
+    and on Gemma-3 it is the <bos> attention sink every later token reads. Off by default until measured
+    (docs/design.md#the-bridge)."""
     weights: str = ""
     """Per-adapter multipliers, comma-separated (default 1 for each)."""
     force: bool = False
     """Replace an existing --out."""
+
+    def __post_init__(self):
+        check_choice("carry", self.carry, CARRY)
+        check_choice("first-token", self.first_token, FIRST_TOKEN)
 
 
 def needed_heads(modules: list[str], kind: str) -> list[tuple[str, str]]:
@@ -107,6 +117,9 @@ def run_proxy(cfg: TransferConfig, adapters: list[str], weights: list[float], ou
 
     if len(adapters) > 1 or weights != [1.0]:
         raise BridgeError("--kind proxy carries one adapter at weight 1; compose several with --kind mlp or ridge")
+    if cfg.first_token != "bridge":
+        raise BridgeError(f"--first-token {cfg.first_token} applies to --kind mlp or ridge (a proxy adds no change "
+                          f"inside the target); omit it")
     lw = read_lora(adapters[0])  # first: a directory that is no adapter is named as such
     if cfg.heads:
         hs = load_heads(cfg.heads)
@@ -174,8 +187,8 @@ def run_transfer(cfg: TransferConfig) -> dict:
         index = {**hs.index, "heads": [h for h in hs.index["heads"] if h["name"] in names]}
         (staged / "heads" / INDEX).write_text(json.dumps(index, indent=1))
         manifest = {"kind": BRIDGED_KIND, "version": 1, "source": hs.source, "target": hs.target,
-                    "head_kind": cfg.kind, "carry": cfg.carry, "layermap": hs.index["inputs"]["layermap"],
-                    "heads_origin": str(hs.path), "adapters": entries}
+                    "head_kind": cfg.kind, "carry": cfg.carry, "first_token": cfg.first_token,
+                    "layermap": hs.index["inputs"]["layermap"], "heads_origin": str(hs.path), "adapters": entries}
         (staged / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 
@@ -238,5 +251,5 @@ def load_bridged(path: str | Path, device: str | None = None, model: str | None 
                               src.tokenizer, lm.tokenizer, others=manifest.get("others", "prefix"))
         lm.logits_processor = processors(lm.proxy)
         return lm
-    attach(lm.model, build_bridges(path, manifest, lm.device))
+    attach(lm.model, build_bridges(path, manifest, lm.device), manifest.get("first_token", "bridge"))
     return lm

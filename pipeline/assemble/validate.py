@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from heads.headset import load_heads
-from pipeline.assemble.bridge import BridgeError, read_lora
+from pipeline.assemble.bridge import CARRY, FIRST_TOKEN, BridgeError, check_choice, read_lora
 from pipeline.assemble.report import write_report
 from pipeline.assemble.scoring import OFFTASK_LEN, heldout_ids, score_system
 from storage.fs import as_path
@@ -53,6 +53,9 @@ class ValidateConfig:
     """Generation batch size."""
     carry: str = "all"
     """Source LoRA layers carried: 'all' or 'mapped' (see `cast transfer --help`)."""
+    first_token: str = "bridge"
+    """The mlp and ridge rows: 'bridge' or 'keep' (leave each sequence's first real token unchanged; see `cast
+    transfer --help`). Off by default until measured."""
     retrained: str | None = None
     """An existing target LoRA to use as the retrained reference (default: train one with the same recipe)."""
     distilled: str | None = None
@@ -76,6 +79,8 @@ class ValidateConfig:
     """torch device; default CUDA when present, else CPU."""
 
     def __post_init__(self):
+        check_choice("carry", self.carry, CARRY)
+        check_choice("first-token", self.first_token, FIRST_TOKEN)
         for name, low in (("limit", 1), ("batch_size", 1), ("n_boot", 1), ("offtask_sequences", 0)):
             if getattr(self, name) < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
@@ -130,7 +135,8 @@ class Run:
             path = self.out / f"bridged-{kind}"
             run_transfer(TransferConfig(adapter=self.cfg.adapter, heads=self.cfg.heads, target=self.names["target"],
                                         out=str(path), kind=kind, others=self.cfg.proxy_others,
-                                        carry=self.cfg.carry, force=True))
+                                        carry=self.cfg.carry, force=True,
+                                        first_token=self.cfg.first_token if kind != "proxy" else "bridge"))
             self.made[kind] = path
         return self.made[kind]
 

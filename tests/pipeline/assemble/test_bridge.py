@@ -129,3 +129,81 @@ def test_a_ridge_head_s_linear_change_is_its_response_to_a_difference():
         torch.testing.assert_close(head.linear_change(d), head(x + d) - head(x), rtol=1e-5, atol=1e-5)
         m, k = head.affine()
         torch.testing.assert_close((x.double() @ m.T + k).float(), head(x), rtol=1e-5, atol=1e-5)
+
+
+def _batch(tokenizer, texts):
+    from pipeline.lora.batching import left_pad
+
+    seqs = [tokenizer(t).input_ids for t in texts]
+    ids, mask, pos = left_pad(seqs, tokenizer.pad_token_id)
+    return dict(input_ids=ids, attention_mask=mask, position_ids=pos)
+
+
+def test_first_token_keep_leaves_each_sequence_s_first_real_token_unchanged(tmp_path):
+    # tiny-gemma3 prepends <bos>, as Gemma-3 does: the attention sink the heads never train on.
+    from pipeline.lora.train import causal_lm_logits
+
+    targets = ["q_proj", "v_proj"]
+    heads = identity_heads(tmp_path / "heads", "tiny-gemma3", "ridge", sites_for(targets))
+    adapter = random_adapter(tmp_path / "lora", "tiny-gemma3", targets)
+    models = {}
+    for first in ("bridge", "keep"):
+        run_transfer(TransferConfig(adapter=str(adapter), heads=str(heads), out=str(tmp_path / first), kind="ridge",
+                                    carry="mapped", first_token=first))
+        assert json.loads((tmp_path / first / "manifest.json").read_text())["first_token"] == first
+        models[first] = load_bridged(tmp_path / first).model
+    plain = load_model("tiny-gemma3")
+    batch = _batch(plain.tokenizer, ["the river ran past the old stone house", "seven green"])  # left-padded
+    assert (batch["input_ids"][batch["attention_mask"].argmax(1) == 0, 0] == plain.tokenizer.bos_token_id).all()
+    with torch.no_grad():
+        out = {k: m(**batch).logits for k, m in (("plain", plain.model), *models.items())}
+    rows, first = torch.arange(2), batch["attention_mask"].argmax(1)  # each row's first real column
+    torch.testing.assert_close(out["keep"][rows, first], out["plain"][rows, first], rtol=0, atol=0)
+    assert (out["bridge"][rows, first] - out["plain"][rows, first]).abs().amax(-1).min() > 1e-3
+    later = batch["attention_mask"].bool()
+    later[rows, first] = False
+    assert (out["keep"][later] - out["plain"][later]).abs().amax(-1).min() > 1e-3  # the change still applies
+    # Scoring runs the decoder alone (causal_lm_logits): the same positions are left alone.
+    with torch.no_grad():
+        sel = batch["attention_mask"].bool()
+        torch.testing.assert_close(causal_lm_logits(models["keep"], sel, **batch), out["keep"][sel],
+                                   rtol=1e-5, atol=1e-5)
+        # A cached step (as in generate) reads the first token from the mask over past and new tokens.
+        prefix = models["keep"](**{k: v[:, :-1] for k, v in batch.items()}, use_cache=True)
+        step = models["keep"](input_ids=batch["input_ids"][:, -1:], attention_mask=batch["attention_mask"],
+                              position_ids=batch["position_ids"][:, -1:], cache=prefix.past_key_values,
+                              use_cache=True).logits[:, -1]
+    torch.testing.assert_close(step, out["keep"][:, -1], rtol=1e-4, atol=1e-4)
+    assert models["keep"].generate(**batch, max_new_tokens=2, do_sample=False).shape[1] == batch["input_ids"].shape[1] + 2
+    with pytest.raises(ValueError, match="--first-token 'first': choose 'bridge' or 'keep'"):
+        TransferConfig(adapter="a", out="b", kind="ridge", first_token="first")
+    with pytest.raises(BridgeError, match="--first-token keep applies to --kind mlp or ridge"):
+        run_transfer(TransferConfig(adapter=str(adapter), target="tiny-gemma3", out=str(tmp_path / "p"),
+                                    first_token="keep"))
+
+
+def test_carry_mapped_drops_exactly_the_source_layers_no_target_layer_maps_to(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from tests.pipeline.assemble.bridge_fixtures import random_heads
+
+    targets = ["q_proj", "v_proj"]
+    heads = random_heads(tmp_path / "heads", "tiny-llama", "tiny-gemma3", "ridge", sites_for(targets),
+                         {0: 0, 1: 2, 2: 3})  # source layer 1 is no target layer's choice
+    adapter = random_adapter(tmp_path / "lora", "tiny-llama", targets)
+    without_1 = tmp_path / "without-1"
+    shutil.copytree(adapter, without_1)
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    save_file({k: torch.zeros_like(v) if ".layers.1." in k and "lora_B" in k else v for k, v in weights.items()},
+              str(without_1 / "adapter_model.safetensors"))
+    out = {}
+    for name, lora, carry in (("mapped", adapter, "mapped"), ("all", adapter, "all"), ("all-1", without_1, "all")):
+        m = run_transfer(TransferConfig(adapter=str(lora), heads=str(heads), out=str(tmp_path / name), kind="ridge",
+                                        carry=carry))
+        assert json.loads((tmp_path / name / "manifest.json").read_text())["carry"] == carry
+        out[name] = (m["adapters"][0]["assignment"], logits(load_bridged(tmp_path / name).model))
+    assert out["mapped"][0] == {"0": [0], "1": [2], "2": [3]} and out["all"][0] == {"0": [0, 1], "1": [2], "2": [3]}
+    assert (out["all"][1] - out["mapped"][1]).abs().max() > 1e-3  # layer 1's change is carried by 'all' only
+    torch.testing.assert_close(out["mapped"][1], out["all-1"][1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="--carry 'some': choose 'all' or 'mapped'"):
+        TransferConfig(adapter="a", out="b", carry="some")

@@ -148,6 +148,24 @@ def test_validate_without_decoding_keeps_the_continuous_measures(made, tmp_path,
     assert len(json.loads((out / "answer_ll" / "ridge.json").read_text())) == 6
 
 
+def test_validate_records_and_passes_on_the_bridge_settings(made, tmp_path, capsys):
+    """What the suspects script runs: the bridge rows alone, answer LL only, with --first-token and
+    --carry given; both reach the bridged artifact and report.json, and the proxy row ignores them."""
+    out = tmp_path / "report"
+    code, _, err = run(capsys, "validate", "--adapter", made["lora"], "--heads", made["heads"], "--out", out,
+                       "--limit", 4, "--quiet", "--no-decode", "--offtask-sequences", 0, "--retrained", made["lora"],
+                       "--systems", "mlp,proxy", "--first-token", "keep", "--carry", "mapped")
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert (report["config"]["first_token"], report["config"]["carry"]) == ("keep", "mapped")
+    manifest = json.loads((out / "bridged-mlp" / "manifest.json").read_text())
+    assert (manifest["first_token"], manifest["carry"]) == ("keep", "mapped")
+    assert "first_token" not in json.loads((out / "bridged-proxy" / "manifest.json").read_text())
+    # tiny-llama has no <bos>: leaving each prompt's first token unchanged loses part of the LoRA.
+    assert report["transfer"]["mlp"]["ll_recovery"]["value"] < 0.999
+    assert report["transfer"]["proxy"]["ll_recovery"]["value"] == pytest.approx(1.0, abs=1e-3)
+
+
 def test_validate_refuses_before_decoding(made, tmp_path, capsys):
     def refused(adapter, heads, *more) -> str:
         out = tmp_path / f"r{len(list(tmp_path.iterdir()))}"
