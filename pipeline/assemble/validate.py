@@ -152,7 +152,9 @@ def _bridged(kind: str):
         from pipeline.assemble.transfer import load_bridged
 
         lm = load_bridged(run.transfer(kind), device=run.cfg.device)
-        return lm.model, lm.proxy
+        # A proxy leaves its target as loaded, the same weights as the base (load_bridged checks
+        # the hash): scored as the base itself, it shares the base's off-task logits.
+        return (run.bases["target"] if lm.proxy else lm.model), lm.proxy
     return build
 
 
@@ -314,7 +316,9 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> dict:
     for s in systems:
         model, proxy = s.build(run)
         lm = ref[s.side]
-        results[s.key] = score_system(model, lm.tokenizer, task, lm.model, held[s.side], cfg, progress, proxy)
+        identity = None if lm.info.weights_hash.startswith("hub:") else lm.info.weights_hash
+        results[s.key] = score_system(model, lm.tokenizer, task, lm.model, held[s.side], cfg, progress, proxy,
+                                      base_identity=identity)
         print(f"[cast] {s.label:<34} {results[s.key].summary()}", file=sys.stderr)
     resampled = resampling_unit(examples) | {"groups": [e.unit for e in examples]}
     return write_report(cfg, task.name, systems, results, out, time.perf_counter() - t0, run.names["source"],

@@ -42,3 +42,24 @@ def test_offtask_perplexity_and_kl(lm):
     with torch.no_grad():
         other.lm_head.weight.mul_(2.0)  # sharper distributions: a positive KL from the base
     assert offtask(other, lm.model, ids, batch_size=4)["kl_to_base"] > 1e-3
+
+
+def test_offtask_reads_the_base_from_its_cache(lm):
+    """The base runs once per batch for every system measured against it: a second system
+    given the filled cache gets the same KL without the base being run (a different
+    base_model passed beside the cache is never read)."""
+    ids = torch.randint(5, lm.tokenizer.vocab_size, (5, 9), generator=torch.Generator().manual_seed(1))
+    other = load_model("tiny-llama").model
+    with torch.no_grad():
+        other.lm_head.weight.mul_(2.0)
+    fresh = offtask(other, lm.model, ids, batch_size=2, stride=2)
+    cache = {}
+    assert offtask(other, lm.model, ids, batch_size=2, stride=2, base_cache=cache) == fresh
+    assert sorted(cache) == [0, 2, 4]
+    wrong = load_model("tiny-llama").model
+    with torch.no_grad():
+        wrong.lm_head.weight.mul_(3.0)
+    assert offtask(other, wrong, ids, batch_size=2, stride=2, base_cache=cache) == fresh  # the cached base
+    # The base scored as a system (the logit proxy's target) reads the cache too, not its own pass.
+    as_base = offtask(wrong, wrong, ids, batch_size=2, stride=2, base_cache=cache)
+    assert as_base == offtask(lm.model, lm.model, ids, batch_size=2, stride=2) and as_base["kl_to_base"] == 0.0
