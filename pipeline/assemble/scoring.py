@@ -68,15 +68,18 @@ def base_cache(identity: str, held: torch.Tensor, batch_size: int) -> dict:
 
 
 def score_system(model, tokenizer, task: Task, base_model, held: torch.Tensor | None, cfg,
-                 progress: bool = True, proxy=None, base_identity: str | None = None) -> SystemScore:
+                 progress: bool = True, proxy=None, base_identity: str | None = None,
+                 ll_cache: dict | None = None) -> SystemScore:
     """Every measure of one system on the first cfg.limit test examples; with `proxy`
     (pipeline/assemble/proxy.LogitProxy) the system is `model` decoding through it.
     base_identity: what identifies base_model's weights (its weights hash), so its off-task
-    logits are reused (see BASE_LOGITS); None computes them afresh."""
+    logits are reused (see BASE_LOGITS); None computes them afresh. ll_cache: `model`'s logits
+    on the answers, per batch (answer_logprobs' logits_cache), for a later system on the same model."""
     em = (evaluate_model(model, tokenizer, task, limit=cfg.limit, batch_size=cfg.batch_size, n_boot=cfg.n_boot,
                          progress=progress, logits_processor=proxy) if cfg.decode else None)
     shift = proxy.shift if proxy else None
-    ll = answer_logprobs(model, tokenizer, task, task.test[:cfg.limit], cfg.batch_size, shift=shift)
+    ll = answer_logprobs(model, tokenizer, task, task.test[:cfg.limit], cfg.batch_size, shift=shift,
+                         logits_cache=ll_cache)
     off = None
     if held is not None and (model is not base_model or proxy):
         cache = base_cache(base_identity, held, cfg.batch_size) if base_identity else None

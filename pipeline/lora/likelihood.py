@@ -22,10 +22,12 @@ from pipeline.lora.train import causal_lm_logits, collate, encode_pairs
 
 @torch.no_grad()
 def answer_logprobs(model, tokenizer, task: Task, examples: list[Example], batch_size: int = 16,
-                    shift=None) -> np.ndarray:
+                    shift=None, logits_cache: dict | None = None) -> np.ndarray:
     """(n,) summed log-probability of each example's continuation and eos, as training sees it.
     shift(texts, vocab), if given, is added to the logits predicting each continuation token,
-    from the text before it (the logit proxy, pipeline/assemble/proxy.py)."""
+    from the text before it (the logit proxy, pipeline/assemble/proxy.py). logits_cache, batch
+    start -> `model`'s own logits there, is read where filled and filled where not: the logit
+    proxy's model is the target base, scored on the same examples just before it."""
     pairs = encode_pairs(tokenizer, task, examples)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
@@ -36,9 +38,13 @@ def answer_logprobs(model, tokenizer, task: Task, examples: list[Example], batch
         for s in range(0, len(pairs), batch_size):
             batch = collate(pairs[s:s + batch_size], pad)
             select = continuation_rows(batch["target"], batch["prompt_width"])
-            logits = causal_lm_logits(model, select.to(device), input_ids=batch["input_ids"].to(device),
-                                      attention_mask=batch["attention_mask"].to(device),
-                                      position_ids=batch["position_ids"].to(device))
+            logits = None if logits_cache is None else logits_cache.get(s)
+            if logits is None:
+                logits = causal_lm_logits(model, select.to(device), input_ids=batch["input_ids"].to(device),
+                                          attention_mask=batch["attention_mask"].to(device),
+                                          position_ids=batch["position_ids"].to(device))
+                if logits_cache is not None:
+                    logits_cache[s] = logits
             if shift is not None:  # the text before each scored token, in the rows' order
                 texts = [examples[s + i].prompt + tokenizer.decode(c[:j]) for i, (_, c) in
                          enumerate(pairs[s:s + batch_size]) for j in range(len(c))]

@@ -92,3 +92,12 @@ def test_recovery_intervals_resample_items_paired_across_systems():
     # Every example its own group (named in any order) is the plain bootstrap, draw for draw.
     singles = [f"p{i}" for i in np.random.default_rng(0).permutation(len(items))]
     assert paired_ratio_ci(x, base, ref, n_boot=2000, groups=singles) == (plain_rec, plain_rat)
+
+
+def test_the_proxy_is_scored_right_after_the_target_base():
+    from pipeline.assemble.validate import SYSTEMS, _scoring_order
+
+    order = [s.key for s in _scoring_order(list(SYSTEMS))]
+    assert order[order.index("target-base") + 1] == "proxy" and sorted(order) == sorted(s.key for s in SYSTEMS)
+    no_proxy = [s for s in SYSTEMS if s.key != "proxy"]
+    assert _scoring_order(no_proxy) == no_proxy

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -63,3 +65,24 @@ def test_offtask_reads_the_base_from_its_cache(lm):
     # The base scored as a system (the logit proxy's target) reads the cache too, not its own pass.
     as_base = offtask(wrong, wrong, ids, batch_size=2, stride=2, base_cache=cache)
     assert as_base == offtask(lm.model, lm.model, ids, batch_size=2, stride=2) and as_base["kl_to_base"] == 0.0
+
+
+def test_answer_logprobs_reuse_the_model_logits_under_a_shift(lm):
+    """The proxy's answer LL is the base's logits plus its shift: with the base's logits
+    cached, the second model passed is never run, and the shift is still added."""
+    task = builtin_task("reverse", n_train=1, n_test=5)
+    cache = {}
+    plain = answer_logprobs(lm.model, lm.tokenizer, task, task.test, batch_size=2, logits_cache=cache)
+    assert sorted(cache) == [0, 2, 4]
+    assert np.array_equal(plain, answer_logprobs(lm.model, lm.tokenizer, task, task.test, batch_size=2))
+    other = load_model("tiny-llama").model
+    with torch.no_grad():
+        other.lm_head.weight.mul_(3.0)
+
+    def shift(texts, vocab):
+        return torch.arange(vocab, dtype=torch.float32).repeat(len(texts), 1) * 0.01
+
+    want = answer_logprobs(lm.model, lm.tokenizer, task, task.test, batch_size=2, shift=shift)
+    got = answer_logprobs(other, lm.tokenizer, task, task.test, batch_size=2, shift=shift, logits_cache=cache)
+    assert np.array_equal(got, want) and not np.array_equal(got, plain)
+
