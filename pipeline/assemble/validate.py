@@ -326,7 +326,7 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> dict:
     for s in _scoring_order(systems):
         model, proxy = s.build(run)
         lm = ref[s.side]
-        identity = None if lm.info.weights_hash.startswith("hub:") else lm.info.weights_hash
+        identity = None if lm.info.weights_hash.startswith("hub:") else f"{lm.info.weights_hash}@{lm.device}"
         # The target base's answer logits are kept for the proxy, scored next on the same model
         # object (it adds its shift to them), then dropped.
         shares = s.key == "target-base" or (s.key == "proxy" and model is run.bases["target"])
