@@ -1,7 +1,7 @@
 """`cast train-heads`: every bridged (source layer, target layer, site) gets an encoder and
-a decoder, each an independent task (Ray or in-process), skipped when its inputs and
-config are unchanged, retried when it fails. Writes one safetensors + JSON per head and
-an index of the set."""
+a decoder of each kind (or only those --only names), each an independent task (Ray or
+in-process), skipped when its inputs and config are unchanged, retried when it fails.
+Writes one safetensors + JSON per head and an index of the set."""
 from __future__ import annotations
 
 import json
