@@ -1,7 +1,7 @@
 """`cast train-heads`: every bridged (source layer, target layer, site) gets an encoder and
-a decoder, each an independent task (Ray or in-process), skipped when its inputs and
-config are unchanged, retried when it fails. Writes one safetensors + JSON per head and
-an index of the set."""
+a decoder of each kind (or only those --only names), each an independent task (Ray or
+in-process), skipped when its inputs and config are unchanged, retried when it fails.
+Writes one safetensors + JSON per head and an index of the set."""
 from __future__ import annotations
 
 import json
@@ -40,6 +40,9 @@ class TrainHeadsConfig:
     """Head kinds to fit: mlp (linear skip + MLP), ridge (closed-form linear baseline)."""
     directions: str = "encoder,decoder"
     """encoder: target -> source space; decoder: source -> target space."""
+    only: str = ""
+    """Fit only these heads of the kinds × sites × directions above, as comma-separated kind:direction:site
+    (e.g. ridge:encoder:attn_in); empty: all of them. `cast run` passes what its bridges read."""
     hidden: int = 1024
     """MLP hidden width."""
     epochs: int = 30
@@ -96,6 +99,9 @@ class TrainHeadsConfig:
             raise ValueError(f"--holdout must be in (0, 1), got {self.holdout}")
         if self.stats not in STATS:
             raise ValueError(f"--stats {self.stats!r}: choose 'store' or 'pairs'")
+        bad = [x for x in self.only.split(",") if x.strip() and len(x.strip().split(":")) != 3]
+        if bad:
+            raise ValueError(f"--only: {bad[0]!r} is not kind:direction:site")
         if self.noise < 0:
             raise ValueError(f"--noise must be >= 0, got {self.noise}")
         if self.cpus_per_head < 1:
@@ -134,6 +140,9 @@ def plan_heads(cfg: TrainHeadsConfig) -> tuple[list[HeadSpec], dict]:
     specs = [HeadSpec(d, s_layer, t_layer, site, kind)
              for t_layer, s_layer in sorted(lm.mapping.items())
              for site in sites for d in cfg.directions.split(",") for kind in cfg.kinds.split(",")]
+    only = {tuple(x.strip().split(":")) for x in cfg.only.split(",") if x.strip()}
+    if only:  # a head's fit depends on its own spec alone: those kept are the heads they were
+        specs = [h for h in specs if (h.kind, h.direction, h.site) in only]
     inputs = {"source": store_identity(src), "target": store_identity(tgt),
               "alignment": {k: al.meta[k] for k in ("n_pairs", "coverage")},
               "layermap": {str(k): v for k, v in sorted(lm.mapping.items())}}

@@ -21,6 +21,7 @@ from pipeline.align.layermap import LayermapConfig, run_layermap
 from pipeline.align.pairs import AlignConfig, run_align
 from pipeline.assemble.report import format_report, format_summary
 from pipeline.assemble.student import StudentConfig, run_distill
+from pipeline.assemble.transfer import needed_heads
 from pipeline.assemble.validate import ValidateConfig, run_validate
 from pipeline.cache.corpus import BUILTIN, fetch_builtin
 from pipeline.cache.extract import ExtractConfig, run_extract
@@ -140,9 +141,12 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict:
                                     align=str(align), out=str(lmap)))
         timings["layermap"] = time.perf_counter() - t0
     t0 = _stage("train heads")
+    # Only the heads validate's bridges read (a third of the full cross product is never used).
+    kinds = TrainHeadsConfig.kinds.split(",")
+    only = ",".join(f"{k}:{d}:{s}" for k in kinds for d, s in needed_heads(targets, k))
     index = run_train_heads(cfg.stage(TrainHeadsConfig, src_store=str(stores["source"]),
                                       tgt_store=str(stores["target"]), align=str(align), layermap=str(lmap),
-                                      out=str(heads), sites=",".join(lora_sites(targets)), workers=2),
+                                      out=str(heads), sites=",".join(lora_sites(targets)), workers=2, only=only),
                             progress=progress)
     write_summary(index, heads)
     timings["train heads"] = time.perf_counter() - t0

@@ -7,7 +7,7 @@ import json
 import torch
 
 from jobs.cli import main
-from pipeline.assemble.transfer import load_bridged
+from pipeline.assemble.transfer import load_bridged, needed_heads
 from pipeline.cache.models import load_model
 
 
@@ -36,6 +36,8 @@ def test_cast_run_on_tiny_models_then_resume(tmp_path, corpus_dir, capsys):
     assert summary["extraction"]["target"]["extracted_tokens"] > 0
     heads = json.loads((run / "heads" / "index.json").read_text())
     assert {h["spec"]["site"] for h in heads["heads"]} == {"attn_in", "q_proj.out", "v_proj.out"}
+    fitted = {(h["spec"]["kind"], h["spec"]["direction"], h["spec"]["site"]) for h in heads["heads"]}
+    assert fitted == {(k, d, s) for k in ("mlp", "ridge") for d, s in needed_heads(["q_proj", "v_proj"], k)}
     # The bridged targets validate scored are not the plain target: the heads carry the
     # source LoRA's change into the target's forward pass (finite, and not zero).
     ids = torch.tensor([[2, 17, 42, 99, 3, 150, 7, 8]])

@@ -158,7 +158,9 @@ def _bridged(kind: str):
         from pipeline.assemble.transfer import load_bridged
 
         lm = load_bridged(run.transfer(kind), device=run.cfg.device)
-        return lm.model, lm.proxy
+        # A proxy leaves its target as loaded, the same weights as the base (load_bridged checks
+        # the hash): scored as the base itself, it shares the base's off-task logits.
+        return (run.bases["target"] if lm.proxy else lm.model), lm.proxy
     return build
 
 
@@ -219,6 +221,16 @@ def chosen_systems(cfg: ValidateConfig) -> list[System]:
     if "distilled" in chosen and not cfg.distilled and cfg.systems != "all":
         raise BridgeError("--systems distilled needs --distilled DIR (a target LoRA from `cast distill`)")
     return [s for s in SYSTEMS if (s.choice is None or s.choice in chosen) and (s.key != "distilled" or cfg.distilled)]
+
+
+def _scoring_order(systems: list[System]) -> list[System]:
+    """The report's order, except the proxy straight after the target base, whose answer
+    logits it reuses (held in memory only between the two)."""
+    rest = [s for s in systems if s.key != "proxy"]
+    if len(rest) == len(systems):
+        return systems
+    at = next(i for i, s in enumerate(rest) if s.key == "target-base") + 1
+    return rest[:at] + [s for s in systems if s.key == "proxy"] + rest[at:]
 
 
 def task_seed(cfg: ValidateConfig, meta: dict, task_name: str | None) -> int:
@@ -316,12 +328,19 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> dict:
            for side in dict.fromkeys(s.side for s in systems)}
     held = {side: heldout_ids(cfg, lm.tokenizer, [hs.source, hs.target] if hs else []) for side, lm in ref.items()}
     run.bases = {side: lm.model for side, lm in ref.items()}
-    results = {}
-    for s in systems:
+    results, ll_cache = {}, ({} if any(s.key == "proxy" for s in systems) else None)
+    for s in _scoring_order(systems):
         model, proxy = s.build(run)
         lm = ref[s.side]
-        results[s.key] = score_system(model, lm.tokenizer, task, lm.model, held[s.side], cfg, progress, proxy)
-        print(f"[cast] {s.label:<34} {results[s.key].summary()}", file=sys.stderr)
+        identity = None if lm.info.weights_hash.startswith("hub:") else f"{lm.info.weights_hash}@{lm.device}"
+        # The target base's answer logits are kept for the proxy, scored next on the same model
+        # object (it adds its shift to them), then dropped.
+        shares = s.key == "target-base" or (s.key == "proxy" and model is run.bases["target"])
+        shared = ll_cache if shares else None
+        results[s.key] = score_system(model, lm.tokenizer, task, lm.model, held[s.side], cfg, progress, proxy,
+                                      base_identity=identity, ll_cache=shared)
+        if s.key == "proxy":
+            ll_cache = None
     resampled = resampling_unit(examples) | {"groups": [e.unit for e in examples]}
     return write_report(cfg, task.name, systems, results, out, time.perf_counter() - t0, run.names["source"],
                         run.names["target"], resampled, run.notes)

@@ -22,16 +22,36 @@ import torch
 
 from pipeline.assemble.bridge import LoraWeights, assign_layers, read_lora
 from pipeline.cache.hooks import find_linear, get_layer_list
+from storage.files import sha256_bytes
 from storage.fs import writing
+
+
+BASES: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+"""Weights digest -> (U, Vh) of their full SVD: a target module serves every source layer
+assigned to it, and in `cast run` every task transfers between the same two models, so
+each module's SVD (most of the transfer's time) is taken once. At most MAX_BASES kept."""
+MAX_BASES = 256
+
+
+def singular_bases(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """U and Vh of w's full SVD in float64, memoised by w's bytes: the same call on the same
+    values as without the memo, so the same bases, signs included."""
+    key = sha256_bytes(str(w.dtype), str(tuple(w.shape)), w.detach().cpu().contiguous().view(torch.uint8).numpy())
+    if key not in BASES:
+        if len(BASES) >= MAX_BASES:
+            BASES.pop(next(iter(BASES)))
+        # Full bases: a wide or tall module's null-space directions complete them, so the
+        # projection of a model onto itself is the identity.
+        u, _, vh = torch.linalg.svd(w.double(), full_matrices=True)
+        BASES[key] = (u, vh)
+    return BASES[key]
 
 
 def project_update(d_ws: torch.Tensor, w_s: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
     """(out_s, in_s) update on W_s -> (out_t, in_t) update on W_t through singular bases."""
     k_out, k_in = min(w_s.shape[0], w_t.shape[0]), min(w_s.shape[1], w_t.shape[1])
-    # Full bases: a wide or tall module's null-space directions complete them, so the
-    # projection of a model onto itself is the identity.
-    u_s, _, vh_s = torch.linalg.svd(w_s.double(), full_matrices=True)
-    u_t, _, vh_t = torch.linalg.svd(w_t.double(), full_matrices=True)
+    u_s, vh_s = singular_bases(w_s)
+    u_t, vh_t = singular_bases(w_t)
     core = u_s[:, :k_out].T @ d_ws.double() @ vh_s[:k_in].T
     return (u_t[:, :k_out] @ core @ vh_t[:k_in]).float()
 

@@ -239,7 +239,7 @@ def check_hub(repo_id: str) -> None:
 
 def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a model and its tokenizer by name, directory or hub id, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     t0 = time.perf_counter()
     path, info = resolve(name_or_path)
@@ -247,9 +247,7 @@ def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype 
     # trust_remote_code stays off: a checkpoint must not run code we have not read.
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
     model.to(dev).eval()
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok = _tokenizer(path)
     cfg = model.config
     if info is None:
         info = {"name": str(name_or_path), "weights_hash": f"hub:{getattr(cfg, '_commit_hash', '')}"}
@@ -269,12 +267,33 @@ def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype 
 
 def load_tokenizer(name_or_path: str):
     """The tokenizer alone (planning and alignment need no weights)."""
+    return _tokenizer(resolve(name_or_path)[0])
+
+
+TOKENIZERS: dict[tuple, object] = {}
+"""(directory, its files' names, sizes and mtimes) -> the tokenizer read from it. Gemma-3's
+262k-token tokenizer takes seconds to read, and `cast validate` loads the target a dozen
+times per task; nothing here changes a tokenizer after loading (a call's padding and
+truncation are set per call), so one object serves every load."""
+
+
+def _tokenizer(path: Path | str):
     from transformers import AutoTokenizer
 
-    path, _ = resolve(name_or_path)
+    key = None
+    if isinstance(path, Path) and path.is_dir():
+        key = (str(path.resolve()), tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                                                 for f in path.iterdir() if f.is_file())))
+        if key in TOKENIZERS:
+            return TOKENIZERS[key]
+    # trust_remote_code stays off: a checkpoint must not run code we have not read.
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if key is not None:
+        if len(TOKENIZERS) >= 8:
+            TOKENIZERS.pop(next(iter(TOKENIZERS)))
+        TOKENIZERS[key] = tok
     return tok
 
 

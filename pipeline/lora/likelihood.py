@@ -22,10 +22,12 @@ from pipeline.lora.train import causal_lm_logits, collate, encode_pairs
 
 @torch.no_grad()
 def answer_logprobs(model, tokenizer, task: Task, examples: list[Example], batch_size: int = 16,
-                    shift=None) -> np.ndarray:
+                    shift=None, logits_cache: dict | None = None) -> np.ndarray:
     """(n,) summed log-probability of each example's continuation and eos, as training sees it.
     shift(texts, vocab), if given, is added to the logits predicting each continuation token,
-    from the text before it (the logit proxy, pipeline/assemble/proxy.py)."""
+    from the text before it (the logit proxy, pipeline/assemble/proxy.py). logits_cache, batch
+    start -> `model`'s own logits there, is read where filled and filled where not: the logit
+    proxy's model is the target base, scored on the same examples just before it."""
     pairs = encode_pairs(tokenizer, task, examples)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
@@ -36,9 +38,13 @@ def answer_logprobs(model, tokenizer, task: Task, examples: list[Example], batch
         for s in range(0, len(pairs), batch_size):
             batch = collate(pairs[s:s + batch_size], pad)
             select = continuation_rows(batch["target"], batch["prompt_width"])
-            logits = causal_lm_logits(model, select.to(device), input_ids=batch["input_ids"].to(device),
-                                      attention_mask=batch["attention_mask"].to(device),
-                                      position_ids=batch["position_ids"].to(device))
+            logits = None if logits_cache is None else logits_cache.get(s)
+            if logits is None:
+                logits = causal_lm_logits(model, select.to(device), input_ids=batch["input_ids"].to(device),
+                                          attention_mask=batch["attention_mask"].to(device),
+                                          position_ids=batch["position_ids"].to(device))
+                if logits_cache is not None:
+                    logits_cache[s] = logits
             if shift is not None:  # the text before each scored token, in the rows' order
                 texts = [examples[s + i].prompt + tokenizer.decode(c[:j]) for i, (_, c) in
                          enumerate(pairs[s:s + batch_size]) for j in range(len(c))]
@@ -55,11 +61,14 @@ def answer_logprobs(model, tokenizer, task: Task, examples: list[Example], batch
 
 @torch.no_grad()
 def offtask(model, base_model, ids: torch.Tensor, batch_size: int = 8, shift=None, tokenizer=None,
-            stride: int = 1) -> dict:
+            stride: int = 1, base_cache: dict | None = None) -> dict:
     """Perplexity of `model` on held-out token sequences (n, len) and mean KL(base || model)
-    per predicted token. The base runs beside it, so nothing vocabulary-sized is kept.
-    shift(texts, vocab) as in answer_logprobs (then `tokenizer` decodes each prefix); it
-    costs a source pass per position, so `stride` scores only every stride-th position."""
+    per predicted token. shift(texts, vocab) as in answer_logprobs (then `tokenizer` decodes
+    each prefix); it costs a source pass per position, so `stride` scores only every
+    stride-th position. `base_cache`, batch start -> the base's logits there: every system
+    of a report is measured against the same base on the same text, so the caller keeps it
+    (for these ids, batch_size and stride) and the base runs once, not once per system; a
+    `model` that is the base itself (the logit proxy's) reads it too."""
     device = next(model.parameters()).device
     nll, kl, n = 0.0, 0.0, 0
     width = ids.shape[1]
@@ -69,13 +78,18 @@ def offtask(model, base_model, ids: torch.Tensor, batch_size: int = 8, shift=Non
         batch = ids[s:s + batch_size].to(device)
         select = torch.zeros_like(batch, dtype=torch.bool)
         select[:, cols] = True
-        lp = causal_lm_logits(model, select, input_ids=batch)
+        base = None if base_cache is None else base_cache.get(s)
+        if base is None:
+            base = causal_lm_logits(base_model, select, input_ids=batch)
+            if base_cache is not None:
+                base_cache[s] = base
+        lp = base if model is base_model else causal_lm_logits(model, select, input_ids=batch)
         if shift is not None:
             texts = [tokenizer.decode(row[:j + 1], skip_special_tokens=True) for row in batch.tolist()
                      for j in cols.tolist()]
             lp = lp + shift(texts, lp.shape[-1]).to(lp.device)
         lp = lp.log_softmax(-1)
-        lb = causal_lm_logits(base_model, select, input_ids=batch).log_softmax(-1)
+        lb = base.log_softmax(-1)
         nxt = batch[:, cols + 1].flatten()
         nll -= lp.gather(-1, nxt[:, None]).sum().item()
         kl += (lb.exp() * (lb - lp)).sum().item()

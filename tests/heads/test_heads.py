@@ -89,6 +89,20 @@ def test_rerun_skips_and_changed_config_retrains(linear_set, tmp_path):
     assert not any(h.get("skipped") for h in changed["heads"])
 
 
+def test_only_fits_the_heads_named_and_they_are_the_same_heads(linear_set, tmp_path):
+    cfg = dict(**linear_set, workers=0, kinds="ridge,mlp", epochs=2)
+    every = run_train_heads(TrainHeadsConfig(**cfg, out=str(tmp_path / "all")), progress=False)
+    some = run_train_heads(TrainHeadsConfig(**cfg, out=str(tmp_path / "some"),
+                                            only="ridge:encoder:attn_in,mlp:decoder:attn_in"), progress=False)
+    assert len(every["heads"]) == 4
+    assert sorted((h["spec"]["kind"], h["spec"]["direction"]) for h in some["heads"]) == [("mlp", "decoder"),
+                                                                                          ("ridge", "encoder")]
+    same = {h["name"]: h["hash"] for h in every["heads"]}
+    assert all(same[h["name"]] == h["hash"] for h in some["heads"])
+    with pytest.raises(ValueError, match="kind:direction:site"):
+        TrainHeadsConfig(**cfg, out=str(tmp_path / "x"), only="ridge:encoder")
+
+
 def test_a_failed_head_is_retried(linear_set, tmp_path, monkeypatch, capsys):
     calls = {"n": 0}
     real = run_mod.fit_head

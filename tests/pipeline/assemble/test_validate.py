@@ -37,6 +37,34 @@ def test_projection_moves_between_different_widths():
     assert project_update(torch.randn(8, 7, generator=g), w_t, w_s).shape == (6, 5)
 
 
+def test_singular_bases_are_taken_once_per_module_and_match_a_fresh_svd():
+    from pipeline.assemble import weightspace
+
+    g = torch.Generator().manual_seed(1)
+    w_s, w_t, d = torch.randn(6, 5, generator=g), torch.randn(8, 7, generator=g), torch.randn(6, 5, generator=g)
+    u_s, _, vh_s = torch.linalg.svd(w_s.double(), full_matrices=True)
+    u_t, _, vh_t = torch.linalg.svd(w_t.double(), full_matrices=True)
+    want = (u_t[:, :6] @ (u_s[:, :6].T @ d.double() @ vh_s[:5].T) @ vh_t[:5]).float()
+    weightspace.BASES.clear()
+    assert torch.equal(project_update(d, w_s, w_t), want)  # bit for bit what it computed before the memo
+    assert len(weightspace.BASES) == 2
+    first = weightspace.singular_bases(w_t)
+    assert weightspace.singular_bases(w_t.clone()) is first  # same values, another tensor: the memo
+    assert torch.equal(project_update(d, w_s.clone(), w_t.clone()), want) and len(weightspace.BASES) == 2
+    assert weightspace.singular_bases(w_t + 1) is not first
+
+
+def test_offtask_base_logits_are_kept_per_base_and_text():
+    from pipeline.assemble import scoring
+
+    scoring.BASE_LOGITS.clear()
+    held = torch.arange(12).reshape(3, 4)
+    cache = scoring.base_cache("w1", held, 4)
+    assert scoring.base_cache("w1", held.clone(), 4) is cache  # another task, the same base and text
+    assert scoring.base_cache("w1", held + 1, 4) is not cache and scoring.base_cache("w2", held, 4) is not cache
+    assert len(scoring.BASE_LOGITS) == 2  # one per side
+
+
 def test_paired_ratio_ci():
     base = [0] * 50 + [1] * 10
     ref = [1] * 50 + [1] * 10
@@ -64,3 +92,12 @@ def test_recovery_intervals_resample_items_paired_across_systems():
     # Every example its own group (named in any order) is the plain bootstrap, draw for draw.
     singles = [f"p{i}" for i in np.random.default_rng(0).permutation(len(items))]
     assert paired_ratio_ci(x, base, ref, n_boot=2000, groups=singles) == (plain_rec, plain_rat)
+
+
+def test_the_proxy_is_scored_right_after_the_target_base():
+    from pipeline.assemble.validate import SYSTEMS, _scoring_order
+
+    order = [s.key for s in _scoring_order(list(SYSTEMS))]
+    assert order[order.index("target-base") + 1] == "proxy" and sorted(order) == sorted(s.key for s in SYSTEMS)
+    no_proxy = [s for s in SYSTEMS if s.key != "proxy"]
+    assert _scoring_order(no_proxy) == no_proxy

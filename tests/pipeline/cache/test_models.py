@@ -48,6 +48,18 @@ def test_local_directory_loads_and_is_hashed(tmp_path):
         torch.testing.assert_close(other.model(ids).logits, lm.model(ids).logits)
 
 
+def test_a_directory_s_tokenizer_is_read_once_until_its_files_change(tmp_path):
+    lm = load_model("tiny-llama")
+    lm.model.save_pretrained(tmp_path)
+    lm.tokenizer.save_pretrained(tmp_path)
+    first = load_model(str(tmp_path)).tokenizer
+    assert load_model(str(tmp_path)).tokenizer is first and models.load_tokenizer(str(tmp_path)) is first
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"model_max_length": 77}))
+    changed = models.load_tokenizer(str(tmp_path))
+    assert changed is not first and changed.model_max_length == 77
+
+
 def test_bad_model_specs(tmp_path):
     with pytest.raises(ModelError, match="unknown model name 'gemma-9000'"):
         fetch_model("gemma-9000")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -42,3 +44,45 @@ def test_offtask_perplexity_and_kl(lm):
     with torch.no_grad():
         other.lm_head.weight.mul_(2.0)  # sharper distributions: a positive KL from the base
     assert offtask(other, lm.model, ids, batch_size=4)["kl_to_base"] > 1e-3
+
+
+def test_offtask_reads_the_base_from_its_cache(lm):
+    """The base runs once per batch for every system measured against it: a second system
+    given the filled cache gets the same KL without the base being run (a different
+    base_model passed beside the cache is never read)."""
+    ids = torch.randint(5, lm.tokenizer.vocab_size, (5, 9), generator=torch.Generator().manual_seed(1))
+    other = load_model("tiny-llama").model
+    with torch.no_grad():
+        other.lm_head.weight.mul_(2.0)
+    fresh = offtask(other, lm.model, ids, batch_size=2, stride=2)
+    cache = {}
+    assert offtask(other, lm.model, ids, batch_size=2, stride=2, base_cache=cache) == fresh
+    assert sorted(cache) == [0, 2, 4]
+    wrong = load_model("tiny-llama").model
+    with torch.no_grad():
+        wrong.lm_head.weight.mul_(3.0)
+    assert offtask(other, wrong, ids, batch_size=2, stride=2, base_cache=cache) == fresh  # the cached base
+    # The base scored as a system (the logit proxy's target) reads the cache too, not its own pass.
+    as_base = offtask(wrong, wrong, ids, batch_size=2, stride=2, base_cache=cache)
+    assert as_base == offtask(lm.model, lm.model, ids, batch_size=2, stride=2) and as_base["kl_to_base"] == 0.0
+
+
+def test_answer_logprobs_reuse_the_model_logits_under_a_shift(lm):
+    """The proxy's answer LL is the base's logits plus its shift: with the base's logits
+    cached, the second model passed is never run, and the shift is still added."""
+    task = builtin_task("reverse", n_train=1, n_test=5)
+    cache = {}
+    plain = answer_logprobs(lm.model, lm.tokenizer, task, task.test, batch_size=2, logits_cache=cache)
+    assert sorted(cache) == [0, 2, 4]
+    assert np.array_equal(plain, answer_logprobs(lm.model, lm.tokenizer, task, task.test, batch_size=2))
+    other = load_model("tiny-llama").model
+    with torch.no_grad():
+        other.lm_head.weight.mul_(3.0)
+
+    def shift(texts, vocab):
+        return torch.arange(vocab, dtype=torch.float32).repeat(len(texts), 1) * 0.01
+
+    want = answer_logprobs(lm.model, lm.tokenizer, task, task.test, batch_size=2, shift=shift)
+    got = answer_logprobs(other, lm.tokenizer, task, task.test, batch_size=2, shift=shift, logits_cache=cache)
+    assert np.array_equal(got, want) and not np.array_equal(got, plain)
+
