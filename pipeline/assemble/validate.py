@@ -339,6 +339,7 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> dict:
         shared = ll_cache if shares else None
         results[s.key] = score_system(model, lm.tokenizer, task, lm.model, held[s.side], cfg, progress, proxy,
                                       base_identity=identity, ll_cache=shared)
+        print(f"[cast] {s.label:<34} {results[s.key].summary()}", file=sys.stderr)
         if s.key == "proxy":
             ll_cache = None
     resampled = resampling_unit(examples) | {"groups": [e.unit for e in examples]}
