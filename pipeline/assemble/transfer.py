@@ -226,17 +226,23 @@ def build_bridges(path: Path, manifest: dict, device="cpu") -> dict:
     return bridges
 
 
-def load_bridged(path: str | Path, device: str | None = None, model: str | None = None):
+def load_bridged(path: str | Path, device: str | None = None, model: str | None = None, loaded=None):
     """The target model with the bridge applied (a LoadedModel), ready for `generate`.
     `model` overrides where the target is loaded from (default: its registry name). A proxy
     artifact leaves the model as it is and sets `logits_processor`, a LogitsProcessorList holding
     the proxy (pipeline/assemble/proxy.py): pass it as model.generate(..., logits_processor=) or
-    to pipeline.lora.evaluate.generate_greedy; `proxy` is the LogitProxy itself."""
+    to pipeline.lora.evaluate.generate_greedy; `proxy` is the LogitProxy itself. `loaded`, for a
+    proxy only: the target already in memory (a LoadedModel, hash-checked like a fresh one),
+    which the proxy shares instead of loading a second copy; it is returned in a new LoadedModel."""
+    from dataclasses import replace
+
     from pipeline.cache.models import load_model
 
     path = local_copy(path)  # a bridged artifact on object storage is read from a local copy
     manifest = read_manifest(path)
-    lm = load_model(model or manifest["target"]["model"], device=device)
+    if loaded is not None and manifest["head_kind"] != "proxy":
+        raise BridgeError(f"{path}: a {manifest['head_kind']} bridge hooks its target, so it needs a copy of its own")
+    lm = replace(loaded) if loaded is not None else load_model(model or manifest["target"]["model"], device=device)
     if lm.info.weights_hash != manifest["target"]["weights_hash"]:
         raise BridgeError(f"{path} was built for {manifest['target']['model']} with weights "
                           f"{manifest['target']['weights_hash'][:12]}, but the model loaded by that name has "

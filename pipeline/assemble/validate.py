@@ -118,6 +118,8 @@ class Run:
     train_task: object
     names: dict[str, str]
     heads: object
+    refs: dict = field(default_factory=dict)
+    """side -> its unwrapped LoadedModel (the logit proxy shares the target's)."""
     bases: dict = field(default_factory=dict)
     made: dict = field(default_factory=dict)
     notes: dict = field(default_factory=dict)
@@ -157,10 +159,11 @@ def _bridged(kind: str):
     def build(run: Run):
         from pipeline.assemble.transfer import load_bridged
 
-        lm = load_bridged(run.transfer(kind), device=run.cfg.device)
         # A proxy leaves its target as loaded, the same weights as the base (load_bridged checks
-        # the hash): scored as the base itself, it shares the base's off-task logits.
-        return (run.bases["target"] if lm.proxy else lm.model), lm.proxy
+        # the hash): it runs on the base itself, and shares the base's off-task logits.
+        lm = load_bridged(run.transfer(kind), device=run.cfg.device,
+                          loaded=run.refs["target"] if kind == "proxy" else None)
+        return lm.model, lm.proxy
     return build
 
 
@@ -327,7 +330,7 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> dict:
     ref = {side: load_model(hs.index["inputs"][side]["model"] if hs else names[side], device=cfg.device)
            for side in dict.fromkeys(s.side for s in systems)}
     held = {side: heldout_ids(cfg, lm.tokenizer, [hs.source, hs.target] if hs else []) for side, lm in ref.items()}
-    run.bases = {side: lm.model for side, lm in ref.items()}
+    run.refs, run.bases = ref, {side: lm.model for side, lm in ref.items()}
     results, ll_cache = {}, ({} if any(s.key == "proxy" for s in systems) else None)
     for s in _scoring_order(systems):
         model, proxy = s.build(run)

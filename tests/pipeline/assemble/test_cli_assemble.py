@@ -69,8 +69,18 @@ def test_a_proxy_needs_no_heads(made, tmp_path, capsys):
     assert manifest["kind"] == "cast.proxy" and not (tmp_path / "p" / "heads").exists()
     code, out, _ = run(capsys, "generate", tmp_path / "p", "--prompt", PROMPTS[0], "--max-new-tokens", 4)
     assert code == 0 and out.startswith(PROMPTS[0])
+    # validate's proxy row runs on the target already in memory, not on a second copy of it
+    from pipeline.assemble.bridge import BridgeError
+    from pipeline.assemble.transfer import load_bridged
+    base = load_model("tiny-llama")
+    shared = load_bridged(tmp_path / "p", loaded=base)
+    assert shared.model is base.model and shared.proxy is not None and base.proxy is None
     code, _, err = run(capsys, "transfer", "--adapter", made["lora"], "--out", tmp_path / "r", "--kind", "ridge")
     assert code == 2 and "--kind ridge needs --heads" in err
+    assert run(capsys, "transfer", "--adapter", made["lora"], "--heads", made["heads"], "--out", tmp_path / "r",
+               "--kind", "ridge")[0] == 0
+    with pytest.raises(BridgeError, match="needs a copy of its own"):
+        load_bridged(tmp_path / "r", loaded=base)
 
 
 def test_transfer_refusals_are_messages(made, tmp_path, capsys):
