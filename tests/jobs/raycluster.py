@@ -55,6 +55,9 @@ class RayHead:
         self.token = token
         env = clean_env(
             RAY_worker_niceness="0",  # Ray nices workers to 15 by default
+            # A joining node gives up after Ray's own 30 s wait for its registration, which a
+            # loaded 2-core machine can exceed; RayNode.wait_joined allows 120 s, so Ray does too.
+            RAY_raylet_start_wait_time_s="120",
             # Without this Ray swaps 127.0.0.1 for the machine's outward IP and talks to itself there.
             RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
             RAY_AUTH_MODE="token" if token else "disabled",
