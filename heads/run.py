@@ -71,7 +71,7 @@ class TrainHeadsConfig:
     """Standardisation statistics (each head's input and output means and stds): 'store' (default), the store's
     over every token it holds, position 0's attention sinks included; 'pairs', over exactly the aligned rows the
     head trains on (after --min-position, --max-pairs and the held-out split), so Gemma-3's massive sink
-    dimensions do not set the scale. Off by default until measured (docs/design.md#heads)."""
+    dimensions do not set the scale. Off by default: measured, it changed nothing (docs/results.md)."""
     memory_budget_mb: int = 1024
     """Per head: data under this size is read once and kept; above it, streamed per epoch."""
     block_rows: int = 16384

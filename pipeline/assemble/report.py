@@ -118,6 +118,10 @@ def format_report(report: dict) -> str:
               "it moves with a partial transfer before exact match does. n/a where the retrained LoRA does not beat "
               f"the base. Intervals: {_resampled(report)}. Off-task: perplexity and KL(base || system) per token on "
               "held-out generic text, at the same positions for every system."]
+    timed = [f"{_label(k, s)} {s['seconds']:.0f}" for k, s in report["systems"].items() if "seconds" in s]
+    if timed:
+        lines += ["", f"Seconds per system (building it, then scoring it; {report['seconds']:.0f} in all): "
+                      + ", ".join(timed) + "."]
     for k, s in report["systems"].items():
         f = (s.get("fidelity") or {}).get("vs_bridged")
         if f:

@@ -55,7 +55,7 @@ class ValidateConfig:
     """Source LoRA layers carried: 'all' or 'mapped' (see `cast transfer --help`)."""
     first_token: str = "bridge"
     """The mlp and ridge rows: 'bridge' or 'keep' (leave each sequence's first real token unchanged; see `cast
-    transfer --help`). Off by default until measured."""
+    transfer --help`). Off by default (measured: docs/results.md)."""
     retrained: str | None = None
     """An existing target LoRA to use as the retrained reference (default: train one with the same recipe)."""
     distilled: str | None = None
@@ -333,6 +333,7 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> dict:
     run.refs, run.bases = ref, {side: lm.model for side, lm in ref.items()}
     results, ll_cache = {}, ({} if any(s.key == "proxy" for s in systems) else None)
     for s in _scoring_order(systems):
+        t_sys = time.perf_counter()
         model, proxy = s.build(run)
         lm = ref[s.side]
         identity = None if lm.info.weights_hash.startswith("hub:") else f"{lm.info.weights_hash}@{lm.device}"
@@ -342,7 +343,11 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> dict:
         shared = ll_cache if shares else None
         results[s.key] = score_system(model, lm.tokenizer, task, lm.model, held[s.side], cfg, progress, proxy,
                                       base_identity=identity, ll_cache=shared)
-        print(f"[cast] {s.label:<34} {results[s.key].summary()}", file=sys.stderr)
+        # Where a validate's minutes go: building (the reference LoRA's training, a transfer, an
+        # export) and scoring, per row; the rows scored first also pay the models' loading.
+        run.notes.setdefault(s.key, {})["seconds"] = round(time.perf_counter() - t_sys, 1)
+        print(f"[cast] {s.label:<34} {results[s.key].summary()} ({run.notes[s.key]['seconds']:.0f} s)",
+              file=sys.stderr)
         if s.key == "proxy":
             ll_cache = None
     resampled = resampling_unit(examples) | {"groups": [e.unit for e in examples]}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from jobs.cli import main
 
 RATIOS = ("a_extract_vs_forward", "a_extract_vs_backbone", "b_extract_vs_naive", "c_store_vs_recompute",
@@ -36,6 +38,9 @@ def test_bench_reports_every_ratio(tmp_path, corpus_dir, capsys):
         assert len(res["times"][method]) == 2 and all(t > 0 for t in res["times"][method])
     assert set(res["proxy"]["tokens_per_s"]) == {"target", "target_lora", "proxy_uncached", "proxy_cached"}
     assert all(set(v) == {"32", "128", "512"} for v in res["proxy"]["tokens_per_s"].values())
+    tps = res["proxy"]["tokens_per_s"]  # the ratio is what its name says, the right way up
+    assert res["ratios"]["g_proxy_cached_vs_target_tokens_per_s_128"] == pytest.approx(
+        tps["proxy_cached"]["128"] / tps["target"]["128"], rel=1e-9)
     assert (tmp_path / "bench.md").read_text().startswith("### cast bench: tiny-llama")
     printed = capsys.readouterr().out
     assert "| a_extract_vs_forward |" in printed and "(a) where extraction's time goes" in printed

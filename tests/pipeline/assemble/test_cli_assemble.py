@@ -141,6 +141,10 @@ def test_validate_on_a_self_bridge_reproduces_the_lora(made, tmp_path, capsys, c
         assert systems[name]["offtask"]["kl_to_base"] == pytest.approx(want["offtask"]["kl_to_base"], rel=1e-2), name
         assert report["transfer"][name]["ll_recovery"]["value"] == pytest.approx(1.0, abs=1e-3)
     assert "| LL recovery [95% CI] |" in stdout
+    # Where the minutes went: every row's own seconds, within the run's.
+    seconds = [s["seconds"] for s in systems.values()]
+    assert len(seconds) == len(systems) and all(x >= 0 for x in seconds) and sum(seconds) <= report["seconds"]
+    assert "Seconds per system" in stdout and "target + retrained LoRA " in stdout
 
 
 def test_validate_without_decoding_keeps_the_continuous_measures(made, tmp_path, capsys, corpus_dir):
