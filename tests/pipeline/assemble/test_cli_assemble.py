@@ -143,8 +143,9 @@ def test_validate_on_a_self_bridge_reproduces_the_lora(made, tmp_path, capsys, c
     assert "| LL recovery [95% CI] |" in stdout
     # Where the minutes went: every row's own seconds, within the run's.
     seconds = [s["seconds"] for s in systems.values()]
-    assert len(seconds) == len(systems) and all(x >= 0 for x in seconds) and sum(seconds) <= report["seconds"]
-    assert "Seconds per system" in stdout and "target + retrained LoRA " in stdout
+    assert all(x >= 0 for x in seconds) and sum(seconds) <= report["seconds"]
+    timed = next(line for line in stdout.splitlines() if line.startswith("Seconds per system"))
+    assert all(s["label"] in timed for s in systems.values())
 
 
 def test_validate_without_decoding_keeps_the_continuous_measures(made, tmp_path, capsys, corpus_dir):
