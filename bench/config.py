@@ -22,9 +22,9 @@ class BenchConfig:
     tokens: int = 8192
     """N: tokens in the plan every method runs over (whole segments, as `cast extract`)."""
     unit_tokens: int = 4096
-    """Tokens per unit (commit grain), `cast extract`'s default. Each unit has a fixed write
-    cost (~190 zarr arrays, ~0.7 s on one core) and the last unit's write cannot overlap
-    a forward pass, so small N or small units understate extraction."""
+    """Tokens per unit (commit grain), `cast extract`'s default. Each unit has a write cost
+    (one file per layer and site, ~0.2 CPU-s per 400 MB) and the last unit's write cannot
+    overlap a forward pass, so small N or small units understate extraction."""
     batch_tokens: int = 4096
     """Padded tokens per forward pass, for every method alike."""
     max_chars: int = 512

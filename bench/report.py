@@ -67,7 +67,7 @@ def format_table(r: dict) -> str:
         b, h, nw, e = med["backbone"], med["hooks"], med["extract_no_write"], med["extract"]
         lines += ["", f"(a) where extraction's time goes (median wall s, share of the backbone's): backbone {b:.2f}; "
                       f"hooks firing {h - b:+.2f} ({(h - b) / b:+.1%}); gather, bf16 encode and stats "
-                      f"{nw - h:+.2f} ({(nw - h) / b:+.1%}); the unit write (zarr, zstd, sha256) {e - nw:+.2f} "
+                      f"{nw - h:+.2f} ({(nw - h) / b:+.1%}); the unit write (chunk files, crc32c) {e - nw:+.2f} "
                       f"({(e - nw) / b:+.1%}); extract {e:.2f}."]
     if "w" in r:
         w = r["w"]

@@ -6,7 +6,7 @@ then the writer is the limit, and this measurement says how far away that limit 
 methods take the same units, captured from one extraction and kept in memory, so neither
 includes a forward pass:
 
-  writer  storage.writer.write_unit for every unit (zarr, zstd, sha256, rename, manifest
+  writer  storage.writer.write_unit for every unit (chunk files, crc32c, rename, manifest
           row) into a fresh store, as the extraction worker's writer thread runs it;
   plain   every unit's activation and token arrays written, uncompressed, one after the
           other into one file: the disk's sequential rate for these bytes.

@@ -72,8 +72,8 @@ def _inspect_args(p) -> None:
 
 def cmd_verify(ns) -> int:
     """Re-read every committed unit of a store and check it is present, has the planned
-    shape, holds only finite values and matches the sha256 recorded at commit. Exit status
-    1 if anything is wrong."""
+    shape, holds only finite values and matches the per-chunk crc32c recorded at commit (a
+    format 3 store: its sha256). Exit status 1 if anything is wrong."""
     from storage.check import verify
 
     report = verify(ns.store, progress=not ns.quiet)

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from storage.fs import disk_usage
+from storage.chunks import digest_matches
 from storage.integrity import ChunkError, checked, open_unit
 from storage.layout import TOKEN_FIELDS, UNITS, StoreError, act_path, decode, unit_name
 from storage.reader import ActivationStore, open_store
-from storage.writer import array_hash, read_manifest
+from storage.writer import read_manifest
 
 
 @dataclass
@@ -73,7 +74,8 @@ def _verify_unit(store: ActivationStore, row: dict, problems: list[str]) -> None
         act_path(layer, site) for layer in meta["layers"] for site in meta["sites"]]
     for name in expected:
         try:
-            data = checked(group, store.path, unit, name)[...]
+            arr = checked(group, store.path, unit, name)
+            data = arr[...]
         except ChunkError as e:  # "missing" or "fails its check", with the file
             problems.append(f"unit {unit}: {name}: {e.problem}: {e.file}")
             continue
@@ -85,8 +87,9 @@ def _verify_unit(store: ActivationStore, row: dict, problems: list[str]) -> None
                 problems.append(f"unit {unit}: {name} shape {data.shape}, expected (n, {meta['dims'][site]})")
             if not np.isfinite(decode(data, meta["dtype"])).all():
                 problems.append(f"unit {unit}: {name} contains inf/nan")
-        if hashes.get(name) != array_hash(data):
-            problems.append(f"unit {unit}: {name} does not match its recorded sha256")
+        if not digest_matches(hashes.get(name, ""), data, arr.chunk_rows):
+            kind = "crc32c" if meta["format_version"] >= 4 else "sha256"
+            problems.append(f"unit {unit}: {name} does not match its recorded {kind}")
 
 
 def summary(path: str | Path, sample_tokens: int = 4096) -> dict:

@@ -1,7 +1,7 @@
 """Reads that never turn damage into data (docs/design.md#store-format).
 
-Every array of a unit is written with a crc32c codec after zstd, and each array is one
-file (`<array>/c/0...`). So a damaged store shows up in two ways, and both are errors
+Every array of a unit is written with a crc32c codec (after zstd with --compress zstd),
+and each array is one file (`<array>/c/0...`). So a damaged store shows up in two ways, and both are errors
 naming the unit, the array and the file:
 
 - a chunk file that is missing: zarr would read it as the fill value (zeros), so unit
@@ -124,6 +124,7 @@ class CheckedArray:
     def __init__(self, array, store, unit: int, name: str, where):
         self._a, self.store, self.unit, self.name, self.where = array, store, unit, name, where
         self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
+        self.chunk_rows = array.chunks[0]  # the inner chunk's rows, sharded or not
 
     def __getitem__(self, sel):
         try:

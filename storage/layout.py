@@ -23,8 +23,12 @@ import torch
 
 # 2: one stats array per site (format 1 had one per layer and site, and ~4 ms of zarr
 # overhead each per unit). 3: a crc32c on every chunk and one file per array, so a read
-# finds damage (storage/integrity.py). See docs/design.md#store-format.
-FORMAT_VERSION = 3
+# finds damage (storage/integrity.py). 4: chunks split evenly (no padded third of a unit),
+# uncompressed unless --compress zstd, and the manifest records each chunk's crc32c instead
+# of a sha256 (docs/design.md#store-format). Format 3 stores still read and verify.
+FORMAT_VERSION = 4
+READABLE_FORMATS = (3, 4)
+COMPRESSIONS = ("none", "zstd")
 META_KEY = "cast"
 UNITS = "units"
 MANIFEST = "manifest"
@@ -58,20 +62,23 @@ def stats_path(site: str) -> str:
     return f"stats/{site}"
 
 
-def encode(x: torch.Tensor, dtype: str, where: str, finite: bool = False) -> np.ndarray:
-    """float32 activations -> the numpy array written to disk.
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def check_encodable(x: torch.Tensor, dtype: str, where: str, finite: bool = False) -> torch.dtype:
+    """The torch dtype float32 activations `x` are stored in, once they are known to fit.
 
     Never lets a value that does not fit become inf/nan: non-finite input or a float16
     overflow is an error naming the site, not a silently corrupted store. `finite=True`:
-    the caller has already proven every value finite (extraction's float64 sums do).
+    the caller has already proven every value finite (extraction's sums do).
     """
+    if dtype not in TORCH_DTYPES:
+        raise StoreError(f"unknown storage dtype {dtype!r}; choose one of {', '.join(STORAGE_DTYPES)}")
     # A float64 sum is finite exactly when every value is (inf and nan propagate; float32
     # values cannot overflow it): one reduction instead of a per-value mask.
     if not finite and not torch.isfinite(x.sum(dtype=torch.float64)) and not torch.isfinite(x).all():
         bad = (~torch.isfinite(x)).sum().item()
         raise StoreError(f"{where}: the model produced {bad} non-finite values (inf/nan); refusing to store them")
-    if dtype == "float32":
-        return x.float().cpu().numpy()
     if dtype == "float16":
         peak = x.abs().max().item() if x.numel() else 0.0
         if peak > FLOAT16_MAX:
@@ -79,11 +86,25 @@ def encode(x: torch.Tensor, dtype: str, where: str, finite: bool = False) -> np.
                 f"{where}: values reach {peak:.3g}, beyond float16's {FLOAT16_MAX:.0f}; "
                 f"use --dtype bfloat16 (same size, wider range) or --dtype float32"
             )
-        return x.half().cpu().numpy()
+    return TORCH_DTYPES[dtype]
+
+
+def encode_tensor(x: torch.Tensor, dtype: str, where: str, finite: bool = False) -> torch.Tensor:
+    """float32 activations -> the same values in the storage dtype (see check_encodable)."""
+    return x.to(check_encodable(x, dtype, where, finite))
+
+
+def as_stored(t: torch.Tensor, dtype: str) -> np.ndarray:
+    """A CPU tensor in the storage dtype -> the numpy array written to disk, sharing its
+    memory (bf16 as its uint16 bit pattern)."""
     if dtype == "bfloat16":
-        bits = x.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
-        return bits
-    raise StoreError(f"unknown storage dtype {dtype!r}; choose one of {', '.join(STORAGE_DTYPES)}")
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def encode(x: torch.Tensor, dtype: str, where: str, finite: bool = False) -> np.ndarray:
+    """float32 activations -> the numpy array written to disk (see encode_tensor)."""
+    return as_stored(encode_tensor(x, dtype, where, finite).cpu(), dtype)
 
 
 def decode(stored: np.ndarray, dtype: str) -> np.ndarray:
@@ -91,8 +112,3 @@ def decode(stored: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
         return (stored.astype(np.uint32) << 16).view(np.float32)
     return stored.astype(np.float32, copy=False)
-
-
-def chunk_tokens(dim: int, itemsize: int, target_bytes: int = 2 << 20) -> int:
-    """Tokens per chunk so a chunk holds about 2 MB (docs/design.md#store-format)."""
-    return max(256, (target_bytes // max(1, dim * itemsize)) // 256 * 256)

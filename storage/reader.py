@@ -20,7 +20,7 @@ import numpy as np
 import zarr
 
 from storage.layout import (
-    FORMAT_VERSION, META_KEY, TOKEN_FIELDS, UNITS, StoreError, act_path, decode, stats_path, unit_name,
+    META_KEY, READABLE_FORMATS, TOKEN_FIELDS, UNITS, StoreError, act_path, decode, stats_path, unit_name,
 )
 from storage.fs import RemotePath, as_path, check_location
 from storage.integrity import checked, missing_files, open_unit
@@ -155,9 +155,9 @@ def open_store(path: str | Path, expect: dict | None = None) -> ActivationStore:
     meta = root.get("attributes", {}).get(META_KEY)
     if not meta:
         raise StoreError(f"{path} is a zarr group but not a CAST store (no '{META_KEY}' attributes)")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in READABLE_FORMATS:
         raise StoreError(f"{path} was written in store format {meta.get('format_version')}; this CAST reads "
-                         f"format {FORMAT_VERSION} (checksummed chunks). Re-extract it with `cast extract` into a "
+                         f"formats {', '.join(map(str, READABLE_FORMATS))} (checksummed chunks). Re-extract it with `cast extract` into a "
                          f"new --out (same flags), then delete the old one")
     store = ActivationStore(path=path, meta=meta)
     if expect:

@@ -7,7 +7,6 @@ workers ever touch one shard. A store may live at a local path or an object-stor
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -18,13 +17,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
-from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from storage.chunks import write_array, write_groups
 from storage.files import TMP_PREFIX, atomic_path
 from storage.fs import arrow_source, as_path, rmtree
 from storage.layout import (
-    MANIFEST, META_KEY, STORAGE_DTYPES, TOKEN_FIELDS, UNITS, StoreError, act_path, chunk_tokens,
-    stats_path, unit_name,
+    COMPRESSIONS, MANIFEST, META_KEY, STORAGE_DTYPES, TOKEN_FIELDS, UNITS, StoreError, act_path, stats_path,
+    unit_name,
 )
 
 MANIFEST_SCHEMA = pa.schema([
@@ -33,7 +32,7 @@ MANIFEST_SCHEMA = pa.schema([
     ("last_segment", pa.int64()),
     ("n_tokens", pa.int64()),
     ("nbytes", pa.int64()),
-    ("hashes", pa.string()),     # JSON {array path: sha256 of its stored bytes}
+    ("hashes", pa.string()),     # JSON {array path: crc32c of each chunk (format 3: sha256 of its bytes)}
     ("seconds", pa.float64()),
     ("worker", pa.string()),
     ("committed_at", pa.float64()),
@@ -69,25 +68,24 @@ def clean_leftovers(path: Path, committed: set[int]) -> list[str]:
     return removed
 
 
-def _check_root(path, unit: int) -> None:
+def _vanished(path, unit: int) -> StoreError:
     """A store removed while it is written must fail the run, not end in "done" with
     units committed into a directory that is no store."""
-    if not (path / "zarr.json").exists():
-        raise StoreError(f"{path}: the store vanished while unit {unit} was written (no zarr.json); delete what "
-                         f"is left at {path} and rerun the same `cast extract`")
+    return StoreError(f"{path}: the store vanished while unit {unit} was written (no zarr.json); delete what "
+                      f"is left at {path} and rerun the same `cast extract`")
 
 
-def _codecs(level: int) -> list:
-    """zstd, then a crc32c of the compressed bytes: every read checks them
-    (storage/integrity.py). write_empty_chunks everywhere: each array is exactly one file,
-    so an absent file is always damage, never "all fill value"."""
-    return [ZstdCodec(level=level), Crc32cCodec()]
-
-
-def array_hash(a: np.ndarray) -> str:
-    # The digest of a.tobytes(), read from the array's own buffer: tobytes() copied every
-    # unit's few hundred MB once more only to hash them.
-    return hashlib.sha256(np.ascontiguousarray(a).reshape(-1).view(np.uint8)).hexdigest()
+def _compression(path, unit: int) -> str:
+    """The store's --compress, read from its root (which must still be there)."""
+    try:
+        meta = json.loads((path / "zarr.json").read_text()).get("attributes", {}).get(META_KEY, {})
+    except FileNotFoundError:
+        raise _vanished(path, unit) from None
+    compress = meta.get("compress", "none")
+    if compress not in COMPRESSIONS:
+        raise StoreError(f"{path}: the store's metadata asks for compression {compress!r}; this CAST writes "
+                         f"{', '.join(COMPRESSIONS)}. Extract into a new --out")
+    return compress
 
 
 def write_unit(
@@ -109,41 +107,36 @@ def write_unit(
     path = as_path(path)
     name = unit_name(unit)
     n = len(tokens["token_id"])
-    _check_root(path, unit)
-    hashes, nbytes = {}, 0
+    compress = _compression(path, unit)
+    on_disk = STORAGE_DTYPES[dtype]
+    for (layer, site), arr in acts.items():
+        if arr.shape[0] != n or arr.dtype != np.dtype(on_disk):
+            raise StoreError(f"unit {unit} {act_path(layer, site)}: got {arr.shape} {arr.dtype}, "
+                             f"expected ({n}, dim) {on_disk}")
+    all_layers = sorted({layer for layer, _ in acts})
+    site_rows = {}
+    for site in dict.fromkeys(site for _, site in acts):
+        layers = sorted(layer for layer, s in acts if s == site)
+        if layers != all_layers:
+            raise StoreError(f"unit {unit}: site {site} has layers {layers}, other sites have "
+                             f"{all_layers}; every site needs every layer")
+        site_rows[site] = np.stack([stats[(layer, site)] for layer in layers]).astype(np.float64)
+    # Each array is exactly one file (activations: one shard), so a single writer owns it and
+    # an absent file is always damage, never "all fill value" (docs/design.md#store-format).
+    arrays = [(f"meta/{field}", np.ascontiguousarray(tokens[field], dtype=np.int64), False)
+              for field in TOKEN_FIELDS]
+    arrays += [(act_path(layer, site), arr, True) for (layer, site), arr in acts.items()]
+    arrays += [(stats_path(site), rows, False) for site, rows in site_rows.items()]
     # The unit directory is renamed into place first (replacing an uncommitted leftover of a
     # killed attempt at this unit), its manifest row second: the row is the commit point.
     with atomic_path(path / UNITS / name) as tmp:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3,
                                 attributes={"unit": unit, "n_tokens": n, "segments": list(segments)})
-        for field in TOKEN_FIELDS:
-            arr = np.ascontiguousarray(tokens[field], dtype=np.int64)
-            group.create_array(f"meta/{field}", data=arr, chunks=(max(1, n),), compressors=_codecs(3),
-                               config={"write_empty_chunks": True})
-            hashes[f"meta/{field}"] = array_hash(arr)
-        on_disk = STORAGE_DTYPES[dtype]
-        for (layer, site), arr in acts.items():
-            if arr.shape[0] != n or arr.dtype != np.dtype(on_disk):
-                raise StoreError(f"unit {unit} {act_path(layer, site)}: got {arr.shape} {arr.dtype}, "
-                                 f"expected ({n}, dim) {on_disk}")
-            ct = min(chunk_tokens(arr.shape[1], arr.itemsize), max(1, n))
-            shard = -(-max(1, n) // ct) * ct  # one shard per array per unit: a single writer owns it
-            group.create_array(act_path(layer, site), data=arr, chunks=(ct, arr.shape[1]),
-                               shards=(shard, arr.shape[1]), compressors=_codecs(1),
-                               # activations are never all fill value: skip zarr's per-chunk
-                               # "is it empty?" scan (~15% of the write's CPU, see docs/design.md#store-format)
-                               config={"write_empty_chunks": True})
-            hashes[act_path(layer, site)] = array_hash(arr)
-            nbytes += arr.nbytes
-        for site in dict.fromkeys(site for _, site in acts):
-            layers = sorted(layer for layer, s in acts if s == site)
-            if layers != sorted({layer for layer, _ in acts}):
-                raise StoreError(f"unit {unit}: site {site} has layers {layers}, other sites have "
-                                 f"{sorted({layer for layer, _ in acts})}; every site needs every layer")
-            rows = np.stack([stats[(layer, site)] for layer in layers]).astype(np.float64)
-            group.create_array(stats_path(site), data=rows, chunks=rows.shape, compressors=_codecs(3),
-                               config={"write_empty_chunks": True})
-    _check_root(path, unit)  # the rename above would have made the directories again
+        write_groups(tmp, [a for a, _, _ in arrays])
+        hashes = {where: write_array(tmp, where, arr, sharded, compress, group) for where, arr, sharded in arrays}
+    nbytes = sum(arr.nbytes for arr in acts.values())
+    if not (path / "zarr.json").exists():  # the rename above would have made the directories again
+        raise _vanished(path, unit)
     row = {
         "unit": unit, "first_segment": segments[0], "last_segment": segments[1], "n_tokens": n,
         "nbytes": nbytes, "hashes": json.dumps(hashes, sort_keys=True), "seconds": seconds,

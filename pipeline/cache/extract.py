@@ -21,7 +21,7 @@ from pipeline.cache.hooks import capture, parse_layers, parse_sites, run_to_deep
 from pipeline.cache.models import load_model, load_tokenizer, model_identity, resolve
 from pipeline.cache.writeback import WriteBehind
 from storage.fs import as_path
-from storage.layout import FORMAT_VERSION, STORAGE_DTYPES, StoreError, encode
+from storage.layout import COMPRESSIONS, FORMAT_VERSION, STORAGE_DTYPES, StoreError, as_stored, check_encodable
 from runtime.work import run_items
 from storage.writer import clean_leftovers, committed_units, create_store, write_unit
 
@@ -47,6 +47,10 @@ class ExtractConfig:
     dtype: str = "bfloat16"
     """Storage dtype: bfloat16 (default: half the bytes of float32, float32's range),
     float32, or float16 (refused where values exceed 65504)."""
+    compress: str = "none"
+    """Activation chunks as they are (none: the write costs a few percent of a forward pass) or
+    zstd level 1 (about 0.79x the bytes on bfloat16 activations, for several times the
+    write's CPU, which on a small machine slows extraction; see docs/design.md#store-format)."""
     max_tokens: int = 20_000
     """Cap on tokens extracted (whole segments, in corpus order)."""
     max_chars: int = 512
@@ -74,6 +78,8 @@ class ExtractConfig:
     def __post_init__(self):
         if self.dtype not in STORAGE_DTYPES:
             raise ValueError(f"--dtype {self.dtype!r}: choose one of {', '.join(STORAGE_DTYPES)}")
+        if self.compress not in COMPRESSIONS:
+            raise ValueError(f"--compress {self.compress!r}: choose one of {', '.join(COMPRESSIONS)}")
         for name in ("max_tokens", "unit_tokens", "batch_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -196,26 +202,36 @@ class Extractor:
         lengths = [len(x) for x in unit.input_ids]
         starts = np.concatenate([[0], np.cumsum(lengths)])
         n = int(starts[-1])
-        acts: dict = {}
+        acts: dict = {}  # (layer, site) -> (n, dim) tensor in the storage dtype
         stats: dict = {}
-        cur: dict = {}  # the batch in flight: where its real tokens are, where they go
+        cur: dict = {}  # the batch in flight: where its real tokens are, where they go, scratch space
 
         def sink(key, x):
             # Called by the hook as soon as the value exists, so the model frees it as
             # usual. Right padding: each row's real tokens are a prefix; one gather takes
-            # them all. Many small ops: one thread (see _one_thread).
+            # them all. Many small ops: one thread (see _one_thread). On two cores every
+            # pass over the values here is time the forward pass waits (docs/design.md#performance-bars).
             with _one_thread():
-                real = x.reshape(-1, x.shape[-1]).index_select(0, cur["src"]).float()
-                r64 = real.double()
-                sums = torch.stack([r64.sum(0), r64.mul_(r64).sum(0)]).cpu().numpy()
+                dim = x.shape[-1]
+                if dim not in cur["scratch"]:  # reused by every site of this width: no fresh pages per call
+                    cur["scratch"][dim] = [torch.empty((cur["rows"], dim), device=dev) for _ in range(2)]
+                real, sq = cur["scratch"][dim]
+                torch.index_select(x.reshape(-1, dim).float(), 0, cur["src"], out=real)
+                # float32 sums over one batch (torch reduces them pairwise), float64 across batches
+                sums = torch.stack([real.sum(0), torch.mul(real, real, out=sq).sum(0)])
+                finite = bool(torch.isfinite(sums).all())
+                if not finite:  # a non-finite value, or squares past float32's range: exact sums decide
+                    r64 = real.double()
+                    sums = torch.stack([r64.sum(0), r64.mul_(r64).sum(0)])
+                    finite = bool(torch.isfinite(sums).all())
                 where = f"{self.lm.info.name} layer {key[0]} site {key[1]} (unit {unit.unit})"
-                # float64 sums of float32 values are finite iff every value is: they spare
-                # encode its own finiteness pass; otherwise encode finds and names the bad values
-                enc = encode(real, self.dtype, where, finite=bool(np.isfinite(sums).all()))
+                stored = check_encodable(real, self.dtype, where, finite=finite)
                 if key not in acts:
-                    acts[key] = np.empty((n, enc.shape[1]), dtype=enc.dtype)
-                    stats[key] = np.zeros((2, enc.shape[1]), dtype=np.float64)
-                acts[key][cur["dst"]] = enc
+                    acts[key] = torch.empty((n, dim), dtype=stored, device=dev)
+                    stats[key] = torch.zeros((2, dim), dtype=torch.float64, device=dev)
+                out = acts[key]
+                for dst, src, length in cur["runs"]:  # one contiguous copy per sequence, converting as it goes
+                    out[dst:dst + length].copy_(real[src:src + length])
                 stats[key] += sums
 
         with capture(self.lm.model, self.layers, self.sites, sink=sink):
@@ -224,7 +240,11 @@ class Extractor:
                 width = ids.shape[1]
                 cur["src"] = torch.from_numpy(np.concatenate(
                     [row * width + np.arange(lengths[i]) for row, i in enumerate(batch)])).to(dev)
-                cur["dst"] = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in batch])
+                cur["rows"] = len(cur["src"])
+                sizes = [lengths[i] for i in batch]
+                # (where in the unit, where in the gathered batch, tokens) of each sequence
+                cur["runs"] = list(zip(starts[batch].tolist(), np.cumsum([0] + sizes)[:-1].tolist(), sizes))
+                cur["scratch"] = {}
                 run_to_deepest(self.lm.model, ids.to(dev), mask.to(dev))
         tokens = {
             "token_id": np.concatenate([np.asarray(x, dtype=np.int64) for x in unit.input_ids]),
@@ -233,7 +253,9 @@ class Extractor:
             "char_end": np.array([o[1] for offs in unit.offsets for o in offs], dtype=np.int64),
             "position": np.concatenate([np.arange(m, dtype=np.int64) for m in lengths]),
         }
-        acts = {(layer, site): acts[(layer, site)] for layer in self.layers for site in self.sites}
+        acts = {(layer, site): as_stored(acts[(layer, site)].cpu(), self.dtype)
+                for layer in self.layers for site in self.sites}
+        stats = {key: s.cpu().numpy() for key, s in stats.items()}
         seconds = time.perf_counter() - t0
         self._commit(unit, tokens, acts, stats, seconds)
         return {"unit": unit.unit, "tokens": n, "seconds": seconds}
@@ -258,7 +280,7 @@ def store_meta(cfg: ExtractConfig, info: dict, corpus, plan: Plan, layers, sites
         "corpus": {"name": corpus.name, "hash": corpus.hash, "source": corpus.source,
                    "max_chars": cfg.max_chars,
                    "segmentation_hash": segmentation_hash(corpus, cfg.max_chars)},
-        "sites": sites, "layers": layers, "dims": dims, "dtype": cfg.dtype,
+        "sites": sites, "layers": layers, "dims": dims, "dtype": cfg.dtype, "compress": cfg.compress,
         "max_tokens": cfg.max_tokens, "unit_tokens": cfg.unit_tokens,
         "plan": plan.summary(),
     }

@@ -1,10 +1,10 @@
 """Committing store units behind the forward pass: a writer thread fed through a bounded
 queue (docs/design.md#commit-protocol, "Extraction's writes").
 
-A unit's write (zarr, zstd, sha256, the rename and the manifest row) costs the same
+A unit's write (chunk files, crc32c, the rename and the manifest row) costs the same
 whatever computed the activations; on a GPU it would otherwise be the whole cost of
 extraction. So the extraction worker forwards unit i+1 while unit i is written here.
-zstd, hashlib, file I/O and torch's kernels all release the GIL, so the two overlap.
+crc32c, file I/O and torch's kernels all release the GIL, so the two overlap.
 
 What holds:
 - memory is bounded: at most `depth` units wait or are being written, plus the one the

@@ -104,7 +104,7 @@ def test_a_store_of_another_format_is_refused_with_what_to_do(small_store, tmp_p
     root = json.loads((old / "zarr.json").read_text())
     root["attributes"]["cast"]["format_version"] = 2  # no checksums: refused, not read unchecked
     (old / "zarr.json").write_text(json.dumps(root))
-    with pytest.raises(StoreError, match=r"store format 2; this CAST reads format 3 \(checksummed chunks\)\. "
+    with pytest.raises(StoreError, match=r"store format 2; this CAST reads formats 3, 4 \(checksummed chunks\)\. "
                                          r"Re-extract .* new --out \(same flags\)"):
         storage.open_store(old)
 
