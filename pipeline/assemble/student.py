@@ -61,7 +61,9 @@ class StudentConfig:
     store: str | None = None
     """With --data salient: the source's activation store (`cast extract`); salience is then read from the
     activations it holds at the adapted modules' inputs (scale·‖B·A·x‖), no model run. Without it, salience is
-    the KL between the source with and without the LoRA on --candidates segments (two source passes each)."""
+    the KL between the source with and without the LoRA on --candidates segments (two source passes each);
+    measured on capital, that KL is largest where the LoRA only says "stop", and the student learned to
+    answer nothing (docs/results.md#distilling-the-proxy): give --store, or use --data uniform."""
     candidates: int = 600
     """Corpus segments scored for salience (each runs the source twice)."""
     prefixes: int = 48

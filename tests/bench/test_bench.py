@@ -48,3 +48,14 @@ def test_bench_reports_every_ratio(tmp_path, corpus_dir, capsys):
     assert "| w_writer_vs_plain |" in printed and "(w) the store's unit writer alone" in printed
     assert "| f_checksum_vs_extract |" in printed and "(f) integrity:" in printed
     assert not any((tmp_path / "work").iterdir())  # scratch stores and dumps cleaned up
+
+
+def test_every_timed_method_starts_on_a_settled_disk():
+    # A method must not be timed while the disk still flushes what the one before it wrote.
+    from bench.timing import time_interleaved
+
+    events = []
+    methods = {name: (lambda rep, name=name: events.append(name) or 0.0) for name in ("a", "b", "c")}
+    times = time_interleaved(methods, reps=2, settle=lambda: events.append("settle"))
+    assert events == ["settle", "a", "settle", "b", "settle", "c", "settle", "b", "settle", "c", "settle", "a"]
+    assert {k: len(v) for k, v in times.items()} == {"a": 2, "b": 2, "c": 2}
