@@ -101,12 +101,9 @@ def write_array(root: Path, name: str, a: np.ndarray, sharded: bool, compress: s
         group.create_array(name, data=a, chunks=chunks, shards=shards, compressors=codecs(compress),
                            fill_value=0, config={"write_empty_chunks": True})
         return chunk_digests(a, rows)
-    where.mkdir(parents=True, exist_ok=True)
+    file = where.joinpath("c", *["0"] * a.ndim)
+    file.parent.mkdir(parents=True, exist_ok=True)  # makes `where` too: one call, not three
     (where / "zarr.json").write_bytes(_metadata(a.shape, a.dtype.str, chunks, shards, compress))
-    chunk_dir = where / "c"
-    chunk_dir.mkdir()
-    file = chunk_dir.joinpath(*["0"] * a.ndim)
-    file.parent.mkdir(parents=True, exist_ok=True)
     flat = a.reshape(-1).view(np.uint8)
     crcs, index, offset = [], np.empty((k, 2), dtype="<u8"), 0
     with open(file, "wb") as f:

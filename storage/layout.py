@@ -89,11 +89,6 @@ def check_encodable(x: torch.Tensor, dtype: str, where: str, finite: bool = Fals
     return TORCH_DTYPES[dtype]
 
 
-def encode_tensor(x: torch.Tensor, dtype: str, where: str, finite: bool = False) -> torch.Tensor:
-    """float32 activations -> the same values in the storage dtype (see check_encodable)."""
-    return x.to(check_encodable(x, dtype, where, finite))
-
-
 def as_stored(t: torch.Tensor, dtype: str) -> np.ndarray:
     """A CPU tensor in the storage dtype -> the numpy array written to disk, sharing its
     memory (bf16 as its uint16 bit pattern)."""
@@ -103,8 +98,8 @@ def as_stored(t: torch.Tensor, dtype: str) -> np.ndarray:
 
 
 def encode(x: torch.Tensor, dtype: str, where: str, finite: bool = False) -> np.ndarray:
-    """float32 activations -> the numpy array written to disk (see encode_tensor)."""
-    return as_stored(encode_tensor(x, dtype, where, finite).cpu(), dtype)
+    """float32 activations -> the numpy array written to disk (see check_encodable)."""
+    return as_stored(x.to(check_encodable(x, dtype, where, finite)).cpu(), dtype)
 
 
 def decode(stored: np.ndarray, dtype: str) -> np.ndarray:
