@@ -17,7 +17,9 @@ on the target; `cast distill` turns it into one.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 
 import torch
@@ -134,6 +136,55 @@ def first_source_tokens(src_tok, tgt_tok, ids_s: torch.Tensor, ids_t: torch.Tens
     return out
 
 
+MAPS_VERSION = 1
+"""Bump when token_bytes, shared_vocab or first_source_tokens change what they return: the
+maps cached on disk under an older version are then never read."""
+_MAPS: dict[str, dict[str, torch.Tensor]] = {}
+
+
+def _fingerprint(tok) -> str | None:
+    """What the maps depend on: the fast tokenizer's whole definition and the ids it treats
+    as special (None for a slow tokenizer: its maps are not cached)."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    h = hashlib.sha256(backend.to_str().encode())
+    h.update(json.dumps([len(tok), tok.eos_token_id, sorted(tok.all_special_ids)]).encode())
+    return h.hexdigest()
+
+
+def vocab_maps(src_tok, tgt_tok) -> dict[str, torch.Tensor]:
+    """shared_vocab's pairs (ids_s, ids_t) and first_source_tokens (first) for a tokenizer
+    pair. They take ~12 s for a 262k vocabulary and depend on the tokenizers alone, while a
+    `cast run` builds the proxy eight times (each distillation, each validation), so they
+    are kept in memory and in the cache ($CAST_CACHE/proxy-vocab, keyed by both tokenizers'
+    fingerprints), written whole or not at all."""
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.cache import cache_dir
+
+    prints = (_fingerprint(src_tok), _fingerprint(tgt_tok))
+    key = None if None in prints else hashlib.sha256(f"{MAPS_VERSION}:{prints}".encode()).hexdigest()[:32]
+    if key in _MAPS:
+        return _MAPS[key]
+    path = cache_dir() / "proxy-vocab" / f"{key}.safetensors"
+    if key is not None and path.exists():
+        try:
+            _MAPS[key] = load_file(path)
+            return _MAPS[key]
+        except Exception:  # unreadable (a disk fault): recomputed and rewritten below
+            pass
+    ids_s, ids_t = shared_vocab(src_tok, tgt_tok)
+    maps = {"ids_s": ids_s, "ids_t": ids_t, "first": first_source_tokens(src_tok, tgt_tok, ids_s, ids_t)}
+    if key is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file(maps, tmp)
+        os.replace(tmp, path)
+        _MAPS[key] = maps
+    return maps
+
+
 OTHERS = ("prefix", "rest", "none")
 
 
@@ -154,14 +205,15 @@ class LogitProxy(LogitsProcessor):
         if others not in OTHERS:
             raise ProxyError(f"others={others!r}: choose one of {', '.join(OTHERS)}")
         self.source, self.src_tok, self.tgt_tok = source, src_tok, tgt_tok
-        self.ids_s, self.ids_t = shared_vocab(src_tok, tgt_tok)
+        maps = vocab_maps(src_tok, tgt_tok)
+        self.ids_s, self.ids_t = maps["ids_s"], maps["ids_t"]
         vocab_s = source.get_output_embeddings().weight.shape[0]
         rest = torch.ones(vocab_s, dtype=torch.bool)
         rest[self.ids_s] = False
         self.rest_s = rest.nonzero()[:, 0]
         self.map_s, self.map_t = self.ids_s, self.ids_t  # (source, target) ids whose change is copied
         if others == "prefix":
-            first = first_source_tokens(src_tok, tgt_tok, self.ids_s, self.ids_t)
+            first = maps["first"]
             self.map_t = (first >= 0).nonzero()[:, 0]
             self.map_s = first[self.map_t]
         self.batch_size, self.others, self.cache, self._cache = batch_size, others, cache, None

@@ -176,3 +176,31 @@ def test_the_cached_proxy_decodes_exactly_as_the_uncached_one(tiny_proxy):
     plain = generate_greedy(tgt.model, tgt.tokenizer, prompts, 8, batch_size=16)
     assert outs[True] == outs[False]
     assert outs[True] != plain  # the proxy changed what the target writes
+
+
+def test_the_vocabulary_maps_are_computed_once_per_tokenizer_pair(pair, monkeypatch, tmp_path):
+    from pipeline.assemble import proxy as proxy_mod
+
+    src, tgt = pair
+    monkeypatch.setenv("CAST_CACHE", str(tmp_path))
+    monkeypatch.setattr(proxy_mod, "_MAPS", {})
+    fresh = proxy_mod.vocab_maps(src, tgt)
+    ids_s, ids_t = shared_vocab(src, tgt)
+    assert torch.equal(fresh["ids_s"], ids_s) and torch.equal(fresh["ids_t"], ids_t)
+    assert torch.equal(fresh["first"], proxy_mod.first_source_tokens(src, tgt, ids_s, ids_t))
+    assert len(list((tmp_path / "proxy-vocab").glob("*.safetensors"))) == 1
+
+    def recomputed(*_):
+        raise AssertionError("the maps were recomputed, not read from the cache")
+
+    monkeypatch.setattr(proxy_mod, "first_source_tokens", recomputed)
+    monkeypatch.setattr(proxy_mod, "_MAPS", {})  # a new process: only the disk holds them
+    again = proxy_mod.vocab_maps(src, tgt)
+    assert all(torch.equal(again[k], fresh[k]) for k in fresh)
+    z = LogitProxy(_Source(torch.zeros(len(BYTE_LEVEL)), torch.zeros(len(BYTE_LEVEL))), src, tgt)
+    assert torch.equal(z.map_s, fresh["first"][z.map_t])
+
+    # another tokenizer (one more token) is another key: computed, not read
+    other = _fast(SENTENCEPIECE + ["é1"], tgt.backend_tokenizer.decoder)
+    with pytest.raises(AssertionError, match="recomputed"):
+        proxy_mod.vocab_maps(src, other)
