@@ -6,6 +6,7 @@
     RUN/heads                   projection heads                 (unchanged heads skipped)
     RUN/distilled/<task>/       the proxy distilled into a target LoRA, zero task data (skipped when present)
     RUN/validate/<task>/        per-task report                  (skipped when present)
+                                (each task's distillation and validation: tasks side by side on Ray workers)
     RUN/report.md               all tasks in one table
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pipeline.cache.hooks import lora_sites
 from pipeline.cache.models import DEFAULT_SOURCE, DEFAULT_TARGET, REGISTRY, fetch_model
 from pipeline.lora.adapters import parse_targets
 from pipeline.lora.train import LoraTrainConfig, train_lora
+from runtime.work import run_items
 from storage.check import verify
 from storage.fs import as_path
 
@@ -76,6 +78,14 @@ class RunConfig:
     cpus_per_worker: int = sets((ExtractConfig, "cpus_per_worker"))
     gpus_per_worker: float = sets((ExtractConfig, "gpus_per_worker"))
     cpus_per_head: int = sets((TrainHeadsConfig, "cpus_per_head"))
+    task_workers: int = 2
+    """Tasks distilled and validated side by side, each on its own Ray worker with
+    --cpus-per-task CPUs and as many torch threads (0: one task after another in this
+    process, with torch's own threads). Decoding, most of validation, keeps two threads
+    only partly busy, so two one-thread tasks finish sooner than one two-thread task after
+    another (docs/results.md)."""
+    cpus_per_task: int = 1
+    """CPUs (and torch threads) each task's worker takes."""
 
     def stage(self, cls: type, **given):
         """The `cls` config of this run: the flags above that set its fields, then `given`."""
@@ -87,6 +97,33 @@ class RunConfig:
 def _stage(name: str):
     print(f"\n[cast run] === {name} ===", file=sys.stderr)
     return time.perf_counter()
+
+
+class TaskStages:
+    """One task's distillation (zero task data, salience read from the source store) and
+    validation, as a worker for run_items: returns the report and the seconds of each."""
+
+    def __init__(self, cfg: RunConfig, source_store: str, heads: str, progress: bool):
+        self.cfg, self.store, self.heads, self.progress = cfg, source_store, heads, progress
+
+    def run(self, task: str) -> dict:
+        cfg, out, timings = self.cfg, as_path(self.cfg.out), {}
+        distilled = out / "distilled" / task
+        if cfg.distill_steps and not (distilled / "cast_distill.json").exists():
+            t0 = time.perf_counter()
+            run_distill(cfg.stage(StudentConfig, adapter=str(out / "lora" / task), out=str(distilled),
+                                  target=cfg.target, store=self.store, force=True), progress=self.progress)
+            timings[f"distill {task}"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        report = run_validate(cfg.stage(ValidateConfig, adapter=str(out / "lora" / task), heads=self.heads,
+                                        out=str(out / "validate" / task),
+                                        distilled=str(distilled) if cfg.distill_steps else None),
+                              progress=self.progress)
+        timings[f"validate {task}"] = time.perf_counter() - t0
+        return {"report": report, "timings": timings}
+
+    def flush(self) -> None:
+        pass  # each task's outputs are committed before run() returns
 
 
 def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict:
@@ -151,32 +188,33 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict:
     write_summary(index, heads)
     timings["train heads"] = time.perf_counter() - t0
 
-    for task in tasks if cfg.distill_steps else []:  # zero task data: salience read from the source store
-        dest = out / "distilled" / task
-        if not (dest / "cast_distill.json").exists():
-            t0 = _stage(f"distill {task} (the proxy into a target LoRA)")
-            run_distill(cfg.stage(StudentConfig, adapter=str(out / "lora" / task), out=str(dest), target=cfg.target,
-                                  store=str(stores["source"]), force=True), progress=progress)
-            timings[f"distill {task}"] = time.perf_counter() - t0
+    # Each task's distillation and validation read only committed artifacts and write
+    # under their own directories: independent work, run side by side.
+    todo = [t for t in tasks if not (out / "validate" / t / "report.json").exists()]
+    if todo:
+        _stage(f"distill and validate {', '.join(todo)}"
+               + (f" ({min(cfg.task_workers, len(todo))} side by side)" if cfg.task_workers else ""))
+    t0, done, per_task = time.perf_counter(), {}, {}
 
-    reports = []
-    for task in tasks:
-        dest = out / "validate" / task
-        if (dest / "report.json").exists():
-            reports.append(json.loads((dest / "report.json").read_text()))
-            continue
-        t0 = _stage(f"validate {task}")
-        distilled = out / "distilled" / task
-        reports.append(run_validate(cfg.stage(ValidateConfig, adapter=str(out / "lora" / task), heads=str(heads),
-                                              out=str(dest), distilled=str(distilled) if cfg.distill_steps else None),
-                                    progress=progress))
-        timings[f"validate {task}"] = time.perf_counter() - t0
+    def finished(task, res) -> None:
+        done[task], per_task[task] = res["report"], res["timings"]
+        print(f"[cast run] {task}: " + ", ".join(f"{k} {v:.0f} s" for k, v in res["timings"].items()),
+              file=sys.stderr)
+
+    run_items(todo, TaskStages, (cfg, str(stores["source"]), str(heads), progress and not cfg.task_workers),
+              workers=cfg.task_workers, address=cfg.address, cpus_per_worker=cfg.cpus_per_task,
+              label=lambda task: f"task {task}", on_result=finished, flags=("--cpus-per-task", ""))
+    if todo:
+        timings["distill and validate"] = time.perf_counter() - t0
+    reports = [done.get(t) or json.loads((out / "validate" / t / "report.json").read_text()) for t in tasks]
     summary = "\n".join(format_report(r) for r in reports)
     (out / "report.md").write_text(f"# CAST run: {cfg.source} -> {cfg.target}\n\n## All tasks\n\n"
                                    f"{format_summary(reports)}\n{summary}")
     seconds = time.perf_counter() - t_all
     result = {"out": str(out), "seconds": seconds, "timings": timings,
               "unaccounted_seconds": seconds - sum(timings.values()),  # summaries, skipped stages' checks
+              # inside "distill and validate", per task (side by side: they overlap)
+              "tasks": per_task, "task_workers": cfg.task_workers,
               "extraction": extraction,  # per store: tokens extracted, seconds, tokens/s
               "reports": [str(out / "validate" / t / "report.json") for t in tasks]}
     (out / "run.json").write_text(json.dumps(result, indent=2))

@@ -15,7 +15,7 @@ def test_cast_run_on_tiny_models_then_resume(tmp_path, corpus_dir, capsys):
     argv = ["run", "--out", str(tmp_path / "run"), "--source", "tiny-llama", "--target", "tiny-gemma3",
             "--corpus", str(corpus_dir), "--max-tokens", "900", "--tasks", "add2", "--lora-steps", "3",
             "--head-epochs", "1", "--head-hidden", "16", "--limit", "6", "--workers", "0", "--distill-steps", "3",
-            "--quiet"]
+            "--task-workers", "0", "--quiet"]
     assert main(argv) == 0
     run = tmp_path / "run"
     report = json.loads((run / "validate" / "add2" / "report.json").read_text())
@@ -29,9 +29,11 @@ def test_cast_run_on_tiny_models_then_resume(tmp_path, corpus_dir, capsys):
     assert "target + CAST (ridge)" in (run / "report.md").read_text()
     summary = json.loads((run / "run.json").read_text())  # where the run's time went, stage by stage
     assert list(summary["timings"]) == ["lora add2", "extract source", "verify source", "extract target",
-                                        "verify target", "align", "layermap", "train heads", "distill add2",
-                                        "validate add2"]
-    assert all(s > 0 for s in summary["timings"].values())
+                                        "verify target", "align", "layermap", "train heads",
+                                        "distill and validate"]
+    assert list(summary["tasks"]["add2"]) == ["distill add2", "validate add2"]
+    assert all(s > 0 for s in [*summary["timings"].values(), *summary["tasks"]["add2"].values()])
+    assert sum(summary["tasks"]["add2"].values()) <= summary["timings"]["distill and validate"]
     assert 0 <= summary["unaccounted_seconds"] < summary["seconds"]
     assert summary["extraction"]["target"]["extracted_tokens"] > 0
     heads = json.loads((run / "heads" / "index.json").read_text())
@@ -69,3 +71,18 @@ def test_cast_run_on_tiny_models_then_resume(tmp_path, corpus_dir, capsys):
     assert "0 to train" in err and "LoRA on" not in err and "validate add2" not in err and "distill add2" not in err
     assert json.loads((run / "distilled" / "add2" / "cast_distill.json").read_text())["data"]["salience_from"].startswith(
         "store")
+
+    # The same task's validation again, on a Ray worker (as `cast run` runs tasks side by
+    # side by default): the same report, the distilled LoRA reused, not made again.
+    first = (run / "validate" / "add2" / "report.json").read_text()
+    import shutil
+
+    shutil.rmtree(run / "validate" / "add2")
+    assert main([*argv[:-3], "--task-workers", "1", "--quiet"]) == 0
+    again = json.loads((run / "validate" / "add2" / "report.json").read_text())
+    assert list(json.loads((run / "run.json").read_text())["tasks"]["add2"]) == ["validate add2"]
+    before = json.loads(first)["systems"]
+    assert list(again["systems"]) == list(before)
+    for k, v in again["systems"].items():  # one torch thread there: the same answers, logits to rounding
+        assert v["correct"] == before[k]["correct"], k
+        assert abs(v["answer_ll"] - before[k]["answer_ll"]) < 1e-3, k
