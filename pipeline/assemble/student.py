@@ -80,8 +80,9 @@ class StudentConfig:
     """Target modules of the student LoRA (comma-separated, or 'all')."""
     rank: int = 8
     """Student LoRA rank (alpha = 2 x rank, as `cast lora train`'s default)."""
-    steps: int = 120
-    """Optimiser steps."""
+    steps: int = 240
+    """Optimiser steps. Zero task data on capital (docs/results.md): 60, 120 and 240 steps gave exact-match
+    recovery 0.30, 0.71 and 0.89 on the same teacher samples (twice the learning rate at 120: 0.43)."""
     batch_size: int = 8
     """Samples per step."""
     lr: float = 2e-3
