@@ -6,7 +6,7 @@
     RUN/heads                   projection heads                 (unchanged heads skipped)
     RUN/distilled/<task>/       the proxy distilled into a target LoRA, zero task data (skipped when present)
     RUN/validate/<task>/        per-task report                  (skipped when present)
-                                (each task's distillation and validation: tasks side by side on Ray workers)
+                                (each task's distillation then validation; --task-workers: side by side)
     RUN/report.md               all tasks in one table
 """
 from __future__ import annotations
@@ -78,12 +78,13 @@ class RunConfig:
     cpus_per_worker: int = sets((ExtractConfig, "cpus_per_worker"))
     gpus_per_worker: float = sets((ExtractConfig, "gpus_per_worker"))
     cpus_per_head: int = sets((TrainHeadsConfig, "cpus_per_head"))
-    task_workers: int = 2
+    task_workers: int = 0
     """Tasks distilled and validated side by side, each on its own Ray worker with
-    --cpus-per-task CPUs and as many torch threads (0: one task after another in this
-    process, with torch's own threads). Decoding, most of validation, keeps two threads
-    only partly busy, so two one-thread tasks finish sooner than one two-thread task after
-    another (docs/results.md)."""
+    --cpus-per-task CPUs and as many torch threads; 0: one task after another in this
+    process, with torch's own threads, so its numbers are those of `cast distill` and
+    `cast validate` run alone. On a cluster (--address) each task can take a node; on one
+    2-core machine two one-thread tasks side by side were no faster than one after the
+    other (docs/results.md), and one thread rounds differently from two."""
     cpus_per_task: int = 1
     """CPUs (and torch threads) each task's worker takes."""
 
