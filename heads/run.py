@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import storage
 from heads.headset import INDEX
@@ -178,15 +178,12 @@ def head_hash(spec: HeadSpec, inputs: dict, opts: dict) -> str:
                                    sort_keys=True))
 
 
-def train_and_save(spec: HeadSpec, paths: dict, opts: dict, digest: str, out: str,
-                   twin: tuple[str, str] | None = None) -> dict:
-    """One head task: fit, save safetensors + JSON (with its hash), return its metrics.
-    twin: (name, hash) of the ridge head an mlp head starts from when it is saved already."""
+def train_and_save(spec: HeadSpec, paths: dict, opts: dict, digest: str, out: str) -> dict:
+    """One head task: fit, save safetensors + JSON (with its hash), return its metrics."""
     import torch
 
     torch.set_num_threads(opts.get("threads", 1))
-    head, metrics = fit_head(spec, paths, {k: v for k, v in opts.items() if k != "threads"},
-                             twin=(as_path(out) / twin[0], twin[1]) if twin else None)
+    head, metrics = fit_head(spec, paths, {k: v for k, v in opts.items() if k != "threads"})
     target = as_path(out) / spec.name
     target.parent.mkdir(parents=True, exist_ok=True)
     head.save(target, {"spec": asdict(spec), "hash": digest, "metrics": metrics})
@@ -200,9 +197,9 @@ class HeadTrainer:
     def __init__(self, paths: dict, opts: dict, out: str):
         self.paths, self.opts, self.out = paths, opts, out
 
-    def run(self, item: tuple[HeadSpec, str, tuple | None]) -> dict:
-        spec, digest, twin = item
-        return train_and_save(spec, self.paths, self.opts, digest, self.out, twin)
+    def run(self, item: tuple[HeadSpec, str]) -> dict:
+        spec, digest = item
+        return train_and_save(spec, self.paths, self.opts, digest, self.out)
 
     def flush(self) -> None:
         pass  # every head is saved before run() returns
@@ -239,13 +236,8 @@ def run_train_heads(cfg: TrainHeadsConfig, progress: bool = True) -> dict:
         done = _done(out, spec, digest)
         if done:
             results[spec.name] = {**done, "skipped": True}
-            continue
-        # An mlp head starts from the ridge solution; its ridge twin, when it is fitted here
-        # too (and not perturbed by --noise), has computed it already.
-        twin = replace(spec, kind="ridge")
-        share = spec.kind == "mlp" and not cfg.noise and twin in specs
-        todo.append((spec, digest, (twin.name, head_hash(twin, inputs, opts)) if share else None))
-    todo.sort(key=lambda item: item[0].kind != "ridge")  # ridge heads first: their twins read them
+        else:
+            todo.append((spec, digest))
     print(f"[cast] {len(specs)} heads: {len(specs) - len(todo)} up to date, {len(todo)} to train", file=sys.stderr)
     bar = tqdm(total=len(todo), unit="head", desc="train-heads", disable=not progress, file=sys.stderr)
     t0 = time.perf_counter()

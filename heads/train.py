@@ -3,7 +3,6 @@ stopping, evaluated on held-out segments. Loads no model and needs no GPU."""
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 import zlib
@@ -14,7 +13,7 @@ import torch
 
 import storage
 from heads.data import PairLoader, heldout_mask, row_stats
-from heads.modules import HeadConfig, ProjectionHead, artifact_paths
+from heads.modules import HeadConfig, ProjectionHead
 from storage.artifacts import load_alignment
 
 RIDGE_LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
@@ -124,31 +123,9 @@ def mlp_epoch(head: ProjectionHead, loader: PairLoader, opt, sched, epoch: int, 
     return steps
 
 
-def ridge_from_twin(head: ProjectionHead, twin: tuple | None) -> bool:
-    """Start an mlp head's linear path from its ridge twin (same layers, site, direction and
-    options), saved by this run: the ridge fit is deterministic and the mlp path starts at
-    zero, so this is the solution fit_ridge would compute again, bit for bit (tests/heads).
-    False (and nothing changed) when there is no such twin or it was standardised otherwise."""
-    if twin is None:
-        return False
-    path, digest = twin
-    weights, meta_file = artifact_paths(path)
-    if not (meta_file.exists() and weights.exists()) or json.loads(meta_file.read_text()).get("hash") != digest:
-        return False
-    saved = ProjectionHead.load(path)
-    buffers = ("in_mean", "in_std", "out_mean", "out_std")
-    if not all(torch.equal(getattr(saved, b), getattr(head, b)) for b in buffers):
-        return False
-    head.linear.load_state_dict(saved.linear.state_dict())
-    return True
-
-
-def fit_mlp(head: ProjectionHead, train: PairLoader, held: PairLoader, opts: dict, progress=None,
-            twin: tuple | None = None) -> dict:
-    """Adam on MSE + cosine loss, starting from the ridge solution (its twin's, when saved),
-    early stopping on held-out MSE."""
-    if not ridge_from_twin(head, twin):
-        fit_ridge(head, train, held)
+def fit_mlp(head: ProjectionHead, train: PairLoader, held: PairLoader, opts: dict, progress=None) -> dict:
+    """Adam on MSE + cosine loss, starting from the ridge solution, early stopping on held-out MSE."""
+    fit_ridge(head, train, held)
     opt, sched = mlp_optimizer(head, opts, len(train), opts["epochs"])
     best_state, best_mse, bad, curve = copy.deepcopy(head.state_dict()), evaluate(head, held)["mse"], 0, []
     epoch = 0
@@ -208,9 +185,8 @@ def perturb(head: ProjectionHead, noise: float, seed: int) -> None:
     w.add_(noise * w.pow(2).mean().sqrt() * torch.randn(w.shape, generator=g))
 
 
-def fit_head(spec: HeadSpec, paths: dict, opts: dict, twin: tuple | None = None) -> tuple[ProjectionHead, dict]:
-    """Read the aligned rows for `spec` from the stores and fit it; returns head + metrics.
-    twin: (path, hash) of the ridge head an mlp head may start from (ridge_from_twin)."""
+def fit_head(spec: HeadSpec, paths: dict, opts: dict) -> tuple[ProjectionHead, dict]:
+    """Read the aligned rows for `spec` from the stores and fit it; returns head + metrics."""
     t0 = time.perf_counter()
     torch.manual_seed(opts["seed"])
     src = storage.open_store(paths["src_store"])
@@ -235,7 +211,7 @@ def fit_head(spec: HeadSpec, paths: dict, opts: dict, twin: tuple | None = None)
     heldl = PairLoader(x_rows=xr[held], y_rows=yr[held], **common)
     head = ProjectionHead(HeadConfig(kind=spec.kind, in_dim=x.shape[1], out_dim=y.shape[1], hidden=opts["hidden"]))
     head.set_standardisation(x_mean, x_std, y_mean, y_std)
-    fit = fit_ridge(head, train, heldl) if spec.kind == "ridge" else fit_mlp(head, train, heldl, opts, twin=twin)
+    fit = fit_ridge(head, train, heldl) if spec.kind == "ridge" else fit_mlp(head, train, heldl, opts)
     if opts.get("noise"):
         perturb(head, opts["noise"], zlib.crc32(spec.name.encode()) + opts["seed"])
     metrics = {"heldout": evaluate(head, heldl), "train": evaluate(head, train), **fit,

@@ -83,8 +83,8 @@ class RunConfig:
     --cpus-per-task CPUs and as many torch threads; 0: one task after another in this
     process, with torch's own threads, so its numbers are those of `cast distill` and
     `cast validate` run alone. On a cluster (--address) each task can take a node; on one
-    2-core machine two one-thread tasks side by side were no faster than one after the
-    other (docs/results.md), and one thread rounds differently from two."""
+    2-core machine two one-thread tasks side by side saved 7 % of the time one after the
+    other takes, and one thread rounds differently from two (docs/results.md)."""
     cpus_per_task: int = 1
     """CPUs (and torch threads) each task's worker takes."""
 

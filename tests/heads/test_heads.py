@@ -237,23 +237,3 @@ def test_stats_pairs_standardise_over_exactly_the_training_rows(tmp_path):
     assert (enc.in_std.numpy() / (by_hand["tgt"].std(0) + 1e-6)).min() > 2
     with pytest.raises(ValueError, match="--stats 'all': choose 'store' or 'pairs'"):
         TrainHeadsConfig(**common, out="x", stats="all")
-
-
-def test_an_mlp_head_starts_from_its_saved_ridge_twin_and_is_the_same_head(linear_set, tmp_path, monkeypatch):
-    import heads.train as train_mod
-    from safetensors.torch import load_file
-
-    fits = []
-    real = train_mod.fit_ridge
-    monkeypatch.setattr(train_mod, "fit_ridge", lambda head, *a: fits.append(head.cfg.kind) or real(head, *a))
-    shared = run_train_heads(TrainHeadsConfig(**linear_set, out=str(tmp_path / "a"), workers=0), progress=False)
-    kinds = [h["spec"]["kind"] for h in shared["heads"]]
-    assert fits == ["ridge"] * kinds.count("ridge") and kinds.count("mlp") > 0  # every mlp head read its twin's
-    fits.clear()
-    monkeypatch.setattr(train_mod, "ridge_from_twin", lambda head, twin: False)
-    alone = run_train_heads(TrainHeadsConfig(**linear_set, out=str(tmp_path / "b"), workers=0), progress=False)
-    assert fits.count("mlp") == kinds.count("mlp")
-    for a, b in zip(shared["heads"], alone["heads"]):
-        assert a["name"] == b["name"] and a["metrics"]["heldout"] == b["metrics"]["heldout"]
-        wa, wb = (load_file(str(tmp_path / d / f"{a['name']}.safetensors")) for d in ("a", "b"))
-        assert all(torch.equal(wa[k], wb[k]) for k in wa), a["name"]
