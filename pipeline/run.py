@@ -83,10 +83,15 @@ class RunConfig:
     --cpus-per-task CPUs and as many torch threads; 0: one task after another in this
     process, with torch's own threads, so its numbers are those of `cast distill` and
     `cast validate` run alone. On a cluster (--address) each task can take a node; on one
-    2-core machine two one-thread tasks side by side saved 7 % of the time one after the
-    other takes, and one thread rounds differently from two (docs/results.md)."""
+    2-core machine two one-thread tasks side by side saved about 7 percent of the time one
+    after the other takes, and one thread rounds differently from two (docs/results.md)."""
     cpus_per_task: int = 1
     """CPUs (and torch threads) each task's worker takes."""
+
+    def __post_init__(self):
+        for name, low in (("task_workers", 0), ("cpus_per_task", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
 
     def stage(self, cls: type, **given):
         """The `cls` config of this run: the flags above that set its fields, then `given`."""

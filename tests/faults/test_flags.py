@@ -32,6 +32,8 @@ VALIDATE = ["--adapter", "L", "--heads", "H", "--out", "R"]
     (["validate", *VALIDATE, "--carry", "some"], "--carry 'some': choose 'all' or 'mapped'"),
     (["transfer", "--adapter", "L", "--out", "B", "--first-token", "skip"],
      "--first-token 'skip': choose 'bridge' or 'keep'"),
+    (["run", "--task-workers", "-1"], "--task-workers must be at least 0, got -1"),
+    (["run", "--cpus-per-task", "0"], "--cpus-per-task must be at least 1, got 0"),
     (["inspect", "S", "--sample-tokens", "0"], "--sample-tokens must be at least 1, got 0"),
     (["inspect", "S", "--sample-tokens", "-1"], "--sample-tokens must be at least 1, got -1"),
     (["align", *STORES, "--out", "A", "--row-group", "0"], "--row-group must be at least 1, got 0"),
