@@ -195,7 +195,8 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict:
     timings["train heads"] = time.perf_counter() - t0
 
     # Each task's distillation and validation read only committed artifacts and write
-    # under their own directories: independent work, run side by side.
+    # under their own directories: independent work, one task after another here or side
+    # by side on Ray workers (--task-workers).
     todo = [t for t in tasks if not (out / "validate" / t / "report.json").exists()]
     if todo:
         _stage(f"distill and validate {', '.join(todo)}"

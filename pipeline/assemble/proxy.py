@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 
 import torch
@@ -162,6 +161,7 @@ def vocab_maps(src_tok, tgt_tok) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file, save_file
 
     from pipeline.cache import cache_dir
+    from storage.files import atomic_path
 
     prints = (_fingerprint(src_tok), _fingerprint(tgt_tok))
     key = None if None in prints else hashlib.sha256(f"{MAPS_VERSION}:{prints}".encode()).hexdigest()[:32]
@@ -177,10 +177,8 @@ def vocab_maps(src_tok, tgt_tok) -> dict[str, torch.Tensor]:
     ids_s, ids_t = shared_vocab(src_tok, tgt_tok)
     maps = {"ids_s": ids_s, "ids_t": ids_t, "first": first_source_tokens(src_tok, tgt_tok, ids_s, ids_t)}
     if key is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file(maps, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(maps, str(tmp))
         _MAPS[key] = maps
     return maps
 
