@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.assemble.distill import DistillConfig, distill
 from pipeline.assemble.teacher import (Sample, batch_of, more_prompts, salient_prefixes, sample_teacher,
                                        sparse_kl, stored_prefixes, uniform_prefixes)
+from pipeline.lora.precision import PRECISIONS, frozen_base_in, resolve_precision
 from storage.files import atomic_path, atomic_write_text, sha256_bytes, sha256_file
 
 DISTILL_FILE = "cast_distill.json"
@@ -89,6 +90,12 @@ class StudentConfig:
     """Peak learning rate (AdamW, warmup then linear decay to a tenth)."""
     seed: int = 0
     """Seed of the prefixes drawn, the teacher's sampling and the data order."""
+    precision: str = "float32"
+    """Number format of the frozen target while the student trains (its LoRA, gradients and optimiser stay
+    float32; the teacher always samples in float32): float32, bfloat16, or auto (bfloat16 on CUDA or a CPU with
+    bfloat16 matrix units). The saved adapter is float32 and is evaluated on the float32 target. Capital, zero
+    task data, 240 steps, 2 CPU cores with AMX (docs/results.md): bfloat16 trained in 209 s against 371 s, exact
+    match 0.67 and 0.77 on seeds 0 and 1 against 0.75 and 0.77 in float32, so float32 stays the default."""
     threads: int | None = None
     """CPU threads for torch (default: torch's choice)."""
     device: str | None = None
@@ -112,6 +119,8 @@ class StudentConfig:
                 raise DistillError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be 1 or more")
         if not 0 <= self.heldout < 1:
             raise DistillError(f"--heldout {self.heldout}: a fraction in [0, 1)")
+        if self.precision not in PRECISIONS:
+            raise DistillError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
 
 
 def read_prompts(path: str) -> list[str]:
@@ -234,7 +243,7 @@ def run_distill(cfg: StudentConfig, progress: bool = True) -> dict:
     work = _work_dir(out)
     work.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "threads", "device", "force", "steps",
-                                                                   "batch_size", "lr", "targets", "rank")}
+                                                                   "batch_size", "lr", "targets", "rank", "precision")}
     key = sha256_bytes(sha256_file(Path(cfg.adapter) / "adapter_model.safetensors"), tgt.info.weights_hash,
                        json.dumps(settings, sort_keys=True), json.dumps(prompts))
     loaded = _load_samples(work, key)
@@ -289,8 +298,10 @@ def run_distill(cfg: StudentConfig, progress: bool = True) -> dict:
 
     dcfg = DistillConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
                          checkpoint_every=25, threads=cfg.threads)
-    run = distill(student, None, None, dcfg, work / "ckpt", key=key + cfg.targets + str(cfg.rank),
-                  loss_fn=lambda s, t: sparse_kl(s, *(x.to(s.device) for x in t)), progress=progress, draw=draw)
+    fmt = resolve_precision(cfg.precision, tgt.device)
+    with frozen_base_in(student, fmt):
+        run = distill(student, None, None, dcfg, work / "ckpt", key=key + cfg.targets + str(cfg.rank) + fmt,
+                      loss_fn=lambda s, t: sparse_kl(s, *(x.to(s.device) for x in t)), progress=progress, draw=draw)
     at_end = fidelity(student, held, pad, cfg.batch_size)
     info = {"kind": "cast-distilled-lora", "version": 1,
             "source": {"model": src_name, "adapter": str(cfg.adapter),
@@ -303,7 +314,7 @@ def run_distill(cfg: StudentConfig, progress: bool = True) -> dict:
                      "k": len(prompts) if prompts else 0, **{k: v for k, v in smeta.items() if k not in ("key", "starts")},
                      "train_samples": len(train), "heldout_samples": len(held),
                      "train_tokens": sum(len(x.ids) - x.start for x in train)},
-            "student": {"targets": cfg.targets, "rank": cfg.rank, "alpha": 2 * cfg.rank},
+            "student": {"targets": cfg.targets, "rank": cfg.rank, "alpha": 2 * cfg.rank, "trained_in": fmt},
             "config": asdict(cfg),
             "fidelity": {"heldout_teacher_samples": at_end, "target_base": at_start},
             "distillation": {k: v for k, v in run.items() if k != "losses"} | {"losses": run["losses"][::5]},

@@ -280,7 +280,8 @@ def _ensure_retrained(run: Run) -> str:
     print(f"[cast] training the reference LoRA on {target_name} with the source recipe {r}", file=sys.stderr)
     train_lora(LoraTrainConfig(model=target_name, out=str(path), targets=",".join(r["targets"]), rank=r["rank"],
                                alpha=r["alpha"], dropout=r["dropout"], steps=r["steps"], batch_size=r["batch_size"],
-                               lr=r["lr"], seed=r["seed"], device=cfg.device), task=task)
+                               lr=r["lr"], seed=r["seed"], device=cfg.device,
+                               precision=r.get("precision", "float32")), task=task)  # older recipes: float32
     return str(path)
 
 

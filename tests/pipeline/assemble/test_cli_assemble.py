@@ -27,8 +27,9 @@ def made(tmp_path_factory):
     root = tmp_path_factory.mktemp("assemble")
     heads = identity_heads(root / "heads", "tiny-llama", "mlp,ridge", sites_for(["q_proj", "v_proj"]))
     lora = root / "lora"
+    # A bfloat16 base while it trains: the retrained reference must follow the recipe.
     assert main(["lora", "train", "--model", "tiny-llama", "--task", "add2", "--steps", "20", "--lr", "1e-2",
-                 "--batch-size", "8", "--out", str(lora), "--quiet"]) == 0
+                 "--batch-size", "8", "--out", str(lora), "--precision", "bfloat16", "--quiet"]) == 0
     return {"root": root, "heads": str(heads), "lora": str(lora)}
 
 
@@ -121,6 +122,8 @@ def test_validate_on_a_self_bridge_reproduces_the_lora(made, tmp_path, capsys, c
                           "proxy"}
     for system in ("mlp", "ridge", "exported", "retrained", "weight-space", "proxy"):
         assert preds[system] == lora, system
+    recipe = json.loads((out / "retrained-target-lora" / "cast_lora.json").read_text())["recipe"]
+    assert recipe["precision"] == "bfloat16"  # the source's recipe, number format included
     assert (out / "bridged-mlp" / "manifest.json").exists() and (out / "report.png").stat().st_size > 0
     # The exported row names how the constant term was handled, and how faithful the export is.
     exported = report["systems"]["exported"]

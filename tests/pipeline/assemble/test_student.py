@@ -54,10 +54,11 @@ def test_distilled_lora_is_plain_peft_and_moves_towards_the_teacher(lora, tmp_pa
     out = tmp_path / "d"
     code, stdout, _ = run(capsys, "distill", "--adapter", lora, "--target", "tiny-llama", "--data", "prompts",
                           "--prompts", prompts, "--out", out, "--steps", "30", "--samples", "2", "--heldout", "0.25",
-                          "--lr", "1e-2", "--quiet")
+                          "--lr", "1e-2", "--precision", "bfloat16", "--quiet")
     assert code == 0
     info = json.loads((out / "cast_distill.json").read_text())
     assert info["data"]["regime"] == "prompts" and info["data"]["k"] == 12
+    assert info["student"]["trained_in"] == "bfloat16"  # and is saved, loaded and measured in float32 below
     assert info["data"]["heldout_samples"] == 6 and info["data"]["train_samples"] == 18
     assert len(info["source"]["adapter_sha256"]) == 64 and info["teacher"]["kind"] == "logit proxy"
     fid = info["fidelity"]
