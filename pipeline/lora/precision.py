@@ -26,7 +26,9 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
         return precision
     if torch.device(device).type == "cuda":
         return "bfloat16"
-    cpu_bf16 = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    # private probes of torch.cpu; a build without them is taken as a CPU without the units
+    cpu_bf16 = any(getattr(torch.cpu, probe, lambda: False)() for probe in
+                   ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
     return "bfloat16" if torch.device(device).type == "cpu" and cpu_bf16 else "float32"
 
 

@@ -35,6 +35,8 @@ VALIDATE = ["--adapter", "L", "--heads", "H", "--out", "R"]
     (["run", "--task-workers", "-1"], "--task-workers must be at least 0, got -1"),
     (["distill", "--adapter", "L", "--out", "D", "--precision", "float16"],
      "--precision float16: choose one of auto, float32, bfloat16"),
+    (["lora", "train", "--model", "tiny-llama", "--task", "add2", "--out", "L", "--precision", "half"],
+     "--precision half: choose one of auto, float32, bfloat16"),
     (["run", "--cpus-per-task", "0"], "--cpus-per-task must be at least 1, got 0"),
     (["inspect", "S", "--sample-tokens", "0"], "--sample-tokens must be at least 1, got 0"),
     (["inspect", "S", "--sample-tokens", "-1"], "--sample-tokens must be at least 1, got -1"),
