@@ -144,9 +144,12 @@ def test_validate_on_a_self_bridge_reproduces_the_lora(made, tmp_path, capsys, c
         assert systems[name]["offtask"]["kl_to_base"] == pytest.approx(want["offtask"]["kl_to_base"], rel=1e-2), name
         assert report["transfer"][name]["ll_recovery"]["value"] == pytest.approx(1.0, abs=1e-3)
     assert "| LL recovery [95% CI] |" in stdout
-    # Where the minutes went: every row's own seconds, within the run's.
+    # Where the minutes went: every row's own seconds, within the run's. Rows are rounded to
+    # 0.1 s and the run is not: on tiny models (about a second in all) the rounding of ten
+    # rows can add up to more than the run (CI saw 1.3 against 1.269), so each row may be
+    # up to 0.05 s over.
     seconds = [s["seconds"] for s in systems.values()]
-    assert all(x >= 0 for x in seconds) and sum(seconds) <= report["seconds"]
+    assert all(x >= 0 for x in seconds) and sum(seconds) <= report["seconds"] + 0.05 * len(seconds)
     timed = next(line for line in stdout.splitlines() if line.startswith("Seconds per system"))
     assert all(s["label"] in timed for s in systems.values())
 
