@@ -29,6 +29,9 @@ noisy shared CPU shifts all methods alike instead of whichever happened to run l
                               model (a GPU) may forward before the writer is the limit.
 (e) bytes per token           the store's activation bytes on disk vs the raw size of the
                               stored values (and vs float32).
+(s) distill step, packed / one row per sample   one `cast distill` training step of the target
+                              with a prompt's samples in one row (the prompt once) vs one row each
+                              (bench/student.py).
 (f) integrity cost            crc32c over every byte of the store (a write computes it once,
                               a read again) vs extraction and vs a full checked read; the
                               presence check of every chunk file (bench/integrity.py).

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 PARTNERS = {"smollm2-135m": "gemma3-270m", "gemma3-270m": "smollm2-135m",
             "tiny-llama": "tiny-gemma3", "tiny-gemma3": "tiny-llama"}
-PARTS = ("a", "b", "c", "d", "e", "f", "w", "g")
+PARTS = ("a", "b", "c", "d", "e", "f", "w", "g", "s")
 
 
 @dataclass
@@ -39,7 +39,7 @@ class BenchConfig:
     """dtype the naive path saves with np.save: float32 (what HF hands out) or float16."""
     reps: int = 3
     """Interleaved repetitions of every timed method; medians are reported."""
-    parts: str = "a,b,c,d,e,f,w,g"
+    parts: str = "a,b,c,d,e,f,w,g,s"
     """Which measurements to run (a,b share their timed runs; e and f read the store a made)."""
     both: bool = True
     """(a): also time extract, forward and backbone of --partner, so one run gives
@@ -71,6 +71,10 @@ class BenchConfig:
     """(g): the proxy's target model."""
     proxy_lengths: str = "32,128,512"
     """(g): total text lengths (prompt + generated, target tokens) at which the per-token time is taken."""
+    student_target: str = "gemma3-270m"
+    """(s): the model a `cast distill` student is trained on."""
+    student_continuation: int = 2
+    """(s): longest continuation sampled per prefix, in tokens (zero-data teacher samples average about 1.5)."""
     threads: int = 0
     """torch threads (0: torch's default, one per core)."""
     workdir: str | None = None
@@ -87,7 +91,8 @@ class BenchConfig:
         for part, what in (("e", "bytes per token"), ("f", "integrity cost")):
             if part in self.part_set and "a" not in self.part_set:
                 raise ValueError(f"--parts: {part} ({what}) measures the store made by a; add a")
-        for name in ("tokens", "unit_tokens", "batch_tokens", "reps", "mem_tokens", "mem_unit_tokens"):
+        for name in ("tokens", "unit_tokens", "batch_tokens", "reps", "mem_tokens", "mem_unit_tokens",
+                     "student_continuation"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.naive_dtype not in ("float32", "float16"):

@@ -57,6 +57,8 @@ def format_table(r: dict) -> str:
         "f_listing_vs_read": "presence check of every chunk file (one listing per unit) / a full checked read",
         "g_proxy_cached_per_token_512_over_32": "cached proxy: decode s per token at 512 tokens / at 32",
         "g_proxy_cached_vs_target_tokens_per_s_128": "cached proxy tok/s / target-alone tok/s, at 128 tokens",
+        "s_student_step_packed_vs_one_row_per_sample": "`cast distill` training step s, a prompt's samples packed in "
+                                                       "one row / one row per sample",
     }
     for name, value in r["ratios"].items():
         t = TARGETS.get(name)
@@ -89,6 +91,14 @@ def format_table(r: dict) -> str:
                   "|---|" + "---:|" * len(lengths)]
         for system, d in p["per_token_s"].items():
             lines.append(f"| {system} | " + " | ".join(f"{d[n] * 1e3:.1f} ({1 / d[n]:.1f} tok/s)" for n in lengths) + " |")
+    if "student" in r:
+        st = r["student"]
+        sec, tok = st["seconds_per_step"], st["tokens_per_step"]
+        lines += ["", f"(s) `cast distill` step on {st['target']} ({st['samples']} samples from {st['prompts']} corpus "
+                      f"prefixes, prompt {st['mean_prompt']:.1f} and continuation {st['mean_continuation']:.2f} tokens "
+                      f"on average; median of {st['reps']} x {st['steps_per_rep']} steps): one row per sample "
+                      f"{sec['one_row_per_sample']:.3f} s ({tok['one_row_per_sample']} tokens), packed "
+                      f"{sec['packed']:.3f} s ({tok['packed']} tokens)."]
     if "c" in r:
         cc = r["c"]
         lines += ["", f"(c) {cc['kind']} head {cc['site']}: {c['model']} L{cc['src_layer']} -> {cc['partner']} "

@@ -161,6 +161,12 @@ def run_bench(cfg: BenchConfig) -> dict:
                 f"per_token_ratio_{lengths[-1]}_{lengths[0]}"]
             if "cached_vs_target_tokens_per_s_128" in p:
                 ratios["g_proxy_cached_vs_target_tokens_per_s_128"] = p["cached_vs_target_tokens_per_s_128"]
+        if "s" in parts:
+            from bench.student import bench_student
+
+            result["student"] = st = bench_student(cfg.student_target, cfg.corpus, cfg.reps,
+                                                   continuation=cfg.student_continuation)
+            ratios["s_student_step_packed_vs_one_row_per_sample"] = st["packed_vs_one_row_per_sample"]
         result["ratios"] = ratios = dict(sorted(ratios.items()))
         result["met"] = {k: met(k, v) for k, v in ratios.items()}
         result["machine"]["loadavg_end"] = os.getloadavg()[0]

@@ -159,6 +159,11 @@ def _draw(ids: torch.Tensor, step: int, cfg: DistillConfig) -> tuple[torch.Tenso
     return ids[torch.stack(rows)], select
 
 
+def _to(x, device):
+    """Tensors, or dicts of them (a mask per layer type), on `device`."""
+    return {k: _to(v, device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
+
+
 def _lr(step: int, cfg: DistillConfig) -> float:
     warm = max(1, cfg.steps // 20)
     return cfg.lr * ((step + 1) / warm if step < warm else max(0.1, 1 - 0.9 * (step - warm) / max(1, cfg.steps - warm)))
@@ -202,7 +207,8 @@ def distill(student: torch.nn.Module, teacher: Teacher | None, ids: torch.Tensor
     resumed. on_step(step, loss) is called after every step. draw(step) -> (ids, select,
     target), when given, replaces drawing from `ids` and calling `teacher`: for teachers
     precomputed on their own text (pipeline/assemble/student.py); it too must depend on the
-    step alone, so a resumed run ends where an uninterrupted one would."""
+    step alone, so a resumed run ends where an uninterrupted one would. Its ids may be a dict
+    of model inputs and its select a (rows, columns) index pair (packed rows, packing.py)."""
     from tqdm.auto import tqdm
 
     if cfg.threads:
@@ -224,8 +230,9 @@ def distill(student: torch.nn.Module, teacher: Teacher | None, ids: torch.Tensor
                 target = teacher(batch, select)
         else:
             batch, select, target = draw(step)
-            batch, select = batch.to(device), select.to(device)
-        loss = loss_fn(causal_lm_logits(student, select, input_ids=batch), target)
+            select = tuple(x.to(device) for x in select) if isinstance(select, tuple) else select.to(device)
+        inputs = batch if isinstance(batch, dict) else {"input_ids": batch}  # a dict: packed rows (packing.py)
+        loss = loss_fn(causal_lm_logits(student, select, **_to(inputs, device)), target)
         if not math.isfinite(loss.item()):
             raise ValueError(f"distillation loss became {loss.item()} at step {step + 1}; lower --lr")
         for group in opt.param_groups:

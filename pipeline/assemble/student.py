@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.assemble.distill import DistillConfig, distill
+from pipeline.assemble.packing import for_model, packed_batch, prompt_groups
 from pipeline.assemble.teacher import (Sample, batch_of, more_prompts, salient_prefixes, sample_teacher,
                                        sparse_kl, stored_prefixes, uniform_prefixes)
 from pipeline.lora.precision import PRECISIONS, frozen_base_in, resolve_precision
@@ -85,7 +86,12 @@ class StudentConfig:
     """Optimiser steps. Zero task data on capital (docs/results.md): 60, 120 and 240 steps gave exact-match
     recovery 0.30, 0.71 and 0.89 on the same teacher samples (twice the learning rate at 120: 0.43)."""
     batch_size: int = 8
-    """Samples per step."""
+    """Samples per step (with --pack: batch_size / samples prompts per step, each with all its samples)."""
+    pack: bool = False
+    """Train each prompt's samples as one row (the prompt once, each continuation attending to it and to itself:
+    the same positions and losses as one row per sample, about a quarter of the tokens), drawing whole prompts
+    per step instead of samples one by one. Faster per step, but a step then sees batch_size / samples prompts:
+    on capital, zero task data, exact match fell from 0.74 to 0.51 (docs/results.md), so it is off by default."""
     lr: float = 2e-3
     """Peak learning rate (AdamW, warmup then linear decay to a tenth)."""
     seed: int = 0
@@ -243,7 +249,8 @@ def run_distill(cfg: StudentConfig, progress: bool = True) -> dict:
     work = _work_dir(out)
     work.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "threads", "device", "force", "steps",
-                                                                   "batch_size", "lr", "targets", "rank", "precision")}
+                                                                   "batch_size", "lr", "targets", "rank", "precision",
+                                                                   "pack")}
     key = sha256_bytes(sha256_file(Path(cfg.adapter) / "adapter_model.safetensors"), tgt.info.weights_hash,
                        json.dumps(settings, sort_keys=True), json.dumps(prompts))
     loaded = _load_samples(work, key)
@@ -288,19 +295,25 @@ def run_distill(cfg: StudentConfig, progress: bool = True) -> dict:
                                                    target_modules=parse_targets(cfg.targets), task_type="CAUSAL_LM"))
     at_start = fidelity(student, held, pad, cfg.batch_size)
 
+    units = prompt_groups(train) if cfg.pack else [[i] for i in range(len(train))]
+    per_step = max(1, cfg.batch_size // cfg.samples) if cfg.pack else cfg.batch_size
+
     def draw(step: int):  # reshuffled epochs; a step's rows depend on (seed, step) alone
         rows = []
-        for p in range(step * cfg.batch_size, (step + 1) * cfg.batch_size):
-            epoch, i = divmod(p, len(train))
-            rows.append(int(torch.randperm(len(train), generator=torch.Generator().manual_seed(
+        for p in range(step * per_step, (step + 1) * per_step):
+            epoch, i = divmod(p, len(units))
+            rows.append(int(torch.randperm(len(units), generator=torch.Generator().manual_seed(
                 cfg.seed * 100_003 + epoch))[i]))
-        return batch_of([train[j] for j in rows], pad)
+        if not cfg.pack:
+            return batch_of([train[units[j][0]] for j in rows], pad)
+        inputs, select, target = packed_batch([[train[i] for i in units[j]] for j in rows], pad)
+        return for_model(inputs, student), select, target
 
     dcfg = DistillConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
                          checkpoint_every=25, threads=cfg.threads)
     fmt = resolve_precision(cfg.precision, tgt.device)
     with frozen_base_in(student, fmt):
-        run = distill(student, None, None, dcfg, work / "ckpt", key=key + cfg.targets + str(cfg.rank) + fmt,
+        run = distill(student, None, None, dcfg, work / "ckpt", key=key + cfg.targets + str(cfg.rank) + fmt + "packed" * cfg.pack,
                       loss_fn=lambda s, t: sparse_kl(s, *(x.to(s.device) for x in t)), progress=progress, draw=draw)
     at_end = fidelity(student, held, pad, cfg.batch_size)
     info = {"kind": "cast-distilled-lora", "version": 1,
@@ -314,7 +327,8 @@ def run_distill(cfg: StudentConfig, progress: bool = True) -> dict:
                      "k": len(prompts) if prompts else 0, **{k: v for k, v in smeta.items() if k not in ("key", "starts")},
                      "train_samples": len(train), "heldout_samples": len(held),
                      "train_tokens": sum(len(x.ids) - x.start for x in train)},
-            "student": {"targets": cfg.targets, "rank": cfg.rank, "alpha": 2 * cfg.rank, "trained_in": fmt},
+            "student": {"targets": cfg.targets, "rank": cfg.rank, "alpha": 2 * cfg.rank, "trained_in": fmt,
+                        "packed": cfg.pack},
             "config": asdict(cfg),
             "fidelity": {"heldout_teacher_samples": at_end, "target_base": at_start},
             "distillation": {k: v for k, v in run.items() if k != "losses"} | {"losses": run["losses"][::5]},

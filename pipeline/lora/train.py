@@ -141,9 +141,10 @@ def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, 
             "prompt_width": P}
 
 
-def causal_lm_logits(model: torch.nn.Module, select: torch.Tensor | None = None, **inputs) -> torch.Tensor:
+def causal_lm_logits(model: torch.nn.Module, select: torch.Tensor | tuple | None = None, **inputs) -> torch.Tensor:
     """Float32 next-token logits at the `select`ed (batch, column) positions only, in
-    row-major order (all positions when None), as (positions, vocab).
+    row-major order (all positions when None), as (positions, vocab); `select` is a boolean
+    (batch, width) mask, or a (rows, columns) pair of index tensors that may repeat a position.
 
     The LM head runs on those rows alone, as one 2-D matmul: for Gemma's 262k-row head,
     the batched (3-D) head over every column was 2/3 of a training step. Works through

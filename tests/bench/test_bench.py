@@ -13,7 +13,8 @@ RATIOS = ("a_extract_vs_forward", "a_extract_vs_backbone", "b_extract_vs_naive",
           "c_store_kept_vs_recompute", "d_extract_peak_4n_over_n", "d_process_peak_4n_over_n",
           "e_store_vs_raw", "e_store_vs_float32", "a_partner_extract_vs_forward", "a_partner_extract_vs_backbone",
           "w_writer_vs_plain", "f_checksum_vs_extract", "f_checksum_vs_read", "f_listing_vs_read",
-          "g_proxy_cached_per_token_512_over_32", "g_proxy_cached_vs_target_tokens_per_s_128")
+          "g_proxy_cached_per_token_512_over_32", "g_proxy_cached_vs_target_tokens_per_s_128",
+          "s_student_step_packed_vs_one_row_per_sample")
 
 
 def test_bench_reports_every_ratio(tmp_path, corpus_dir, capsys):
@@ -21,7 +22,8 @@ def test_bench_reports_every_ratio(tmp_path, corpus_dir, capsys):
     rc = main(["bench", "--model", "tiny-llama", "--corpus", str(corpus_dir), "--tokens", "240",
                "--unit-tokens", "100", "--mem-tokens", "240", "--mem-unit-tokens", "100",
                "--max-chars", "160", "--reps", "2", "--workdir", str(tmp_path / "work"),
-               "--proxy-source", "tiny-llama", "--proxy-target", "tiny-gemma3", "--json", str(out)])
+               "--proxy-source", "tiny-llama", "--proxy-target", "tiny-gemma3", "--student-target", "tiny-gemma3",
+               "--json", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
     for name in RATIOS:
@@ -41,10 +43,14 @@ def test_bench_reports_every_ratio(tmp_path, corpus_dir, capsys):
     tps = res["proxy"]["tokens_per_s"]  # the ratio is what its name says, the right way up
     assert res["ratios"]["g_proxy_cached_vs_target_tokens_per_s_128"] == pytest.approx(
         tps["proxy_cached"]["128"] / tps["target"]["128"], rel=1e-9)
+    st = res["student"]  # the same samples both ways; packing reads each prompt once
+    assert st["tokens_per_step"]["packed"] < st["tokens_per_step"]["one_row_per_sample"]
+    assert res["ratios"]["s_student_step_packed_vs_one_row_per_sample"] == pytest.approx(
+        st["seconds_per_step"]["packed"] / st["seconds_per_step"]["one_row_per_sample"], rel=1e-9)
     assert (tmp_path / "bench.md").read_text().startswith("### cast bench: tiny-llama")
     printed = capsys.readouterr().out
     assert "| a_extract_vs_forward |" in printed and "(a) where extraction's time goes" in printed
-    assert "| proxy_cached |" in printed
+    assert "| proxy_cached |" in printed and "(s) `cast distill` step on tiny-gemma3" in printed
     assert "| w_writer_vs_plain |" in printed and "(w) the store's unit writer alone" in printed
     assert "| f_checksum_vs_extract |" in printed and "(f) integrity:" in printed
     assert not any((tmp_path / "work").iterdir())  # scratch stores and dumps cleaned up

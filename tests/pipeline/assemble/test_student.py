@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from jobs.cli import main
+from pipeline.assemble.packing import packed_batch
 from pipeline.cache.models import load_model
 from pipeline.lora.adapters import load_adapter
 from pipeline.lora.tasks import load_task
@@ -75,6 +76,26 @@ def test_distilled_lora_is_plain_peft_and_moves_towards_the_teacher(lora, tmp_pa
     assert (torch.tensor(plain["logits"]) - want).abs().max().item() <= 1e-4
     base = load_model("tiny-llama").model(input_ids=torch.tensor(IDS)).logits
     assert (want - base).abs().max().item() > 1e-3  # the student is not the bare target
+
+
+def test_packed_distillation_trains_on_whole_prompts(lora, tmp_path, capsys, monkeypatch):
+    import pipeline.assemble.student as student
+
+    rows = []  # what every step packed: its prompts, each with all its samples
+    monkeypatch.setattr(student, "packed_batch", lambda groups, pad: rows.append(groups) or packed_batch(groups, pad))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(e.prompt for e in load_task("add2", split="train", seed=0).train[:12]) + "\n")
+    out = tmp_path / "p"
+    code, _, _ = run(capsys, "distill", "--adapter", lora, "--target", "tiny-llama", "--data", "prompts",
+                     "--prompts", prompts, "--out", out, "--steps", "30", "--samples", "2", "--heldout", "0.25",
+                     "--lr", "1e-2", "--pack", "--quiet")
+    assert code == 0
+    info = json.loads((out / "cast_distill.json").read_text())
+    assert info["student"]["packed"] is True and info["config"]["pack"] is True
+    assert len(rows) == 30 and all(len(groups) == 4 for groups in rows)  # 8 samples a step: 4 prompts x 2
+    assert all(len(g) == 2 and len({tuple(x.ids[:x.start]) for x in g}) == 1 for groups in rows for g in groups)
+    fid = info["fidelity"]
+    assert fid["heldout_teacher_samples"]["kl"] < 0.8 * fid["target_base"]["kl"], fid
 
 
 def test_distill_refuses_test_prompts_and_resumes_its_samples(lora, tmp_path, capsys, monkeypatch):
