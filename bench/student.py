@@ -2,11 +2,11 @@
 packed into one row (pipeline/assemble/packing.py) against one row per sample.
 
 The text is what `cast distill --data uniform` starts from (random corpus prefixes, cut
-to the same 200 characters), with --student-samples continuations per prefix sampled
-from the target itself at temperature 1 and capped at --student-continuation tokens (the
-zero-data teacher's continuations average about 1.5 tokens: one word, then eos). Both
-ways see the same samples, 8 per step (packed: 8 / samples prompts, all their samples);
-steps are interleaved, medians reported.
+to the same 200 characters), with 4 continuations per prefix sampled from the target
+itself at temperature 1 and capped at --student-continuation tokens (the zero-data
+teacher's continuations average about 1.5 tokens: one word, then eos). Both ways see the
+same samples, 8 per step (packed: 2 prompts with their 4 samples each, as `cast distill
+--pack` draws them); steps are interleaved, medians reported.
 """
 from __future__ import annotations
 
