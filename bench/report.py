@@ -96,7 +96,8 @@ def format_table(r: dict) -> str:
         sec, tok = st["seconds_per_step"], st["tokens_per_step"]
         lines += ["", f"(s) `cast distill` step on {st['target']} ({st['samples']} samples from {st['prompts']} corpus "
                       f"prefixes, prompt {st['mean_prompt']:.1f} and continuation {st['mean_continuation']:.2f} tokens "
-                      f"on average; median of {st['reps']} x {st['steps_per_rep']} steps): one row per sample "
+                      f"on average; {st['batch_size']} samples a step, median of {st['reps']} x {st['steps_per_rep']} "
+                      f"steps): one row per sample "
                       f"{sec['one_row_per_sample']:.3f} s ({tok['one_row_per_sample']} tokens), packed "
                       f"{sec['packed']:.3f} s ({tok['packed']} tokens)."]
     if "c" in r:

@@ -5,8 +5,8 @@ The text is what `cast distill --data uniform` starts from (random corpus prefix
 to the same 200 characters), with 4 continuations per prefix sampled from the target
 itself at temperature 1 and capped at --student-continuation tokens (the zero-data
 teacher's continuations average about 1.5 tokens: one word, then eos). Both ways see the
-same samples, 8 per step (packed: 2 prompts with their 4 samples each, as `cast distill
---pack` draws them); steps are interleaved, medians reported.
+same samples, 16 per step (packed: 4 prompts with their 4 samples each, as `cast distill
+--pack --batch-size 16`, the fast recipe, draws them); steps are interleaved, medians reported.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from bench.timing import log, median
 
 
 def bench_student(target: str, corpus: str, reps: int = 3, prompts: int = 16, samples: int = 4,
-                  continuation: int = 2, batch_size: int = 8) -> dict:
+                  continuation: int = 2, batch_size: int = 16) -> dict:
     """The bench JSON's `student` entry: seconds and tokens per step, packed and one row per sample."""
     from peft import LoraConfig, get_peft_model
 
@@ -67,7 +67,8 @@ def bench_student(target: str, corpus: str, reps: int = 3, prompts: int = 16, sa
                 tokens[way] = n // steps
                 log(f"(s) rep {rep + 1}/{reps} {way}: {seconds[way][-1]:.3f} s/step, {tokens[way]} tokens/step")
     med = {w: median(v) for w, v in seconds.items()}
-    return {"target": target, "samples": len(xs), "prompts": len(groups), "steps_per_rep": steps, "reps": reps,
+    return {"target": target, "samples": len(xs), "prompts": len(groups), "batch_size": batch_size,
+            "steps_per_rep": steps, "reps": reps,
             "mean_continuation": sum(len(x.ids) - x.start for x in xs) / len(xs),
             "mean_prompt": sum(x.start for x in xs) / len(xs),
             "seconds_per_step": med, "tokens_per_step": tokens,

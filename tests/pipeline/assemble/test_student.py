@@ -98,6 +98,28 @@ def test_packed_distillation_trains_on_whole_prompts(lora, tmp_path, capsys, mon
     assert fid["heldout_teacher_samples"]["kl"] < 0.8 * fid["target_base"]["kl"], fid
 
 
+def test_teacher_draws_depend_on_the_sampling_batch_not_the_training_batch(lora, tmp_path, capsys, monkeypatch):
+    import pipeline.assemble.student as student
+
+    drawn = []  # every run's teacher samples: (ids, where the continuation starts)
+    real = student.sample_teacher
+
+    def spy(*a, **k):
+        samples = real(*a, **k)
+        drawn.append([(tuple(x.ids), x.start) for x in samples])
+        return samples
+    monkeypatch.setattr(student, "sample_teacher", spy)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(e.prompt for e in load_task("add2", split="train", seed=0).train[:6]) + "\n")
+    for name, flags in [("b2", ["--batch-size", "2"]), ("b6", ["--batch-size", "6"]), ("s3", ["--sample-batch", "3"])]:
+        code, _, _ = run(capsys, "distill", "--adapter", lora, "--target", "tiny-llama", "--data", "prompts",
+                         "--prompts", prompts, "--out", tmp_path / name, "--steps", "1", "--samples", "2",
+                         "--max-new-tokens", "6", "--quiet", *flags)
+        assert code == 0
+    assert drawn[0] == drawn[1]  # the training batch leaves the teacher's draws alone
+    assert drawn[0] != drawn[2]  # the sampling batch seeds them
+
+
 def test_distill_refuses_test_prompts_and_resumes_its_samples(lora, tmp_path, capsys, monkeypatch):
     test = load_task("add2", split="test", seed=0).test
     bad = tmp_path / "bad.jsonl"
