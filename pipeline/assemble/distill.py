@@ -160,8 +160,10 @@ def _draw(ids: torch.Tensor, step: int, cfg: DistillConfig) -> tuple[torch.Tenso
 
 
 def _to(x, device):
-    """Tensors, or dicts of them (a mask per layer type), on `device`."""
-    return {k: _to(v, device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
+    """Tensors, or dicts (a mask per layer type) or tuples (an index pair) of them, on `device`."""
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return tuple(_to(v, device) for v in x) if isinstance(x, tuple) else x.to(device)
 
 
 def _lr(step: int, cfg: DistillConfig) -> float:
@@ -230,7 +232,7 @@ def distill(student: torch.nn.Module, teacher: Teacher | None, ids: torch.Tensor
                 target = teacher(batch, select)
         else:
             batch, select, target = draw(step)
-            select = tuple(x.to(device) for x in select) if isinstance(select, tuple) else select.to(device)
+            select = _to(select, device)
         inputs = batch if isinstance(batch, dict) else {"input_ids": batch}  # a dict: packed rows (packing.py)
         loss = loss_fn(causal_lm_logits(student, select, **_to(inputs, device)), target)
         if not math.isfinite(loss.item()):
