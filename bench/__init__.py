@@ -32,6 +32,10 @@ noisy shared CPU shifts all methods alike instead of whichever happened to run l
 (s) distill step, packed / one row per sample   one `cast distill` training step of the target
                               with a prompt's samples in one row (the prompt once) vs one row each
                               (bench/student.py).
+(h) LM head, W·xᵀ / F.linear  the target's head matmul at 1-64 rows (forward, and forward +
+                              backward) and a greedy decode, with the float32 CPU head as
+                              load_model gives it (columns first) vs torch's F.linear
+                              (bench/head.py); the decode's tokens must match.
 (f) integrity cost            crc32c over every byte of the store (a write computes it once,
                               a read again) vs extraction and vs a full checked read; the
                               presence check of every chunk file (bench/integrity.py).

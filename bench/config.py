@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 PARTNERS = {"smollm2-135m": "gemma3-270m", "gemma3-270m": "smollm2-135m",
             "tiny-llama": "tiny-gemma3", "tiny-gemma3": "tiny-llama"}
-PARTS = ("a", "b", "c", "d", "e", "f", "w", "g", "s")
+PARTS = ("a", "b", "c", "d", "e", "f", "w", "g", "s", "h")
 
 
 @dataclass
@@ -39,7 +39,7 @@ class BenchConfig:
     """dtype the naive path saves with np.save: float32 (what HF hands out) or float16."""
     reps: int = 3
     """Interleaved repetitions of every timed method; medians are reported."""
-    parts: str = "a,b,c,d,e,f,w,g,s"
+    parts: str = "a,b,c,d,e,f,w,g,s,h"
     """Which measurements to run (a,b share their timed runs; e and f read the store a made)."""
     both: bool = True
     """(a): also time extract, forward and backbone of --partner, so one run gives

@@ -59,6 +59,7 @@ def format_table(r: dict) -> str:
         "g_proxy_cached_vs_target_tokens_per_s_128": "cached proxy tok/s / target-alone tok/s, at 128 tokens",
         "s_student_step_packed_vs_one_row_per_sample": "`cast distill` training step s, a prompt's samples packed in "
                                                        "one row / one row per sample",
+        "h_decode_columns_first_vs_linear": "greedy decode s with the LM head as W·xᵀ / as F.linear (x·Wᵀ)",
     }
     for name, value in r["ratios"].items():
         t = TARGETS.get(name)
@@ -100,6 +101,17 @@ def format_table(r: dict) -> str:
                       f"steps): one row per sample "
                       f"{sec['one_row_per_sample']:.3f} s ({tok['one_row_per_sample']} tokens), packed "
                       f"{sec['packed']:.3f} s ({tok['packed']} tokens)."]
+    if "head" in r:
+        h = r["head"]
+        m, d = h["matmul_s"], h["decode"]
+        lines += ["", f"(h) {h['target']}'s LM head ({h['vocab']:,} x {h['hidden']}), ms, median of {h['reps']}: "
+                      "forward F.linear / columns-first, then forward + backward, per rows: "
+                  + "; ".join(f"{n} rows {m['linear_forward'][n] * 1e3:.0f} / {m['columns_first_forward'][n] * 1e3:.0f}, "
+                              f"{m['linear_forward_backward'][n] * 1e3:.0f} / {m['columns_first_forward_backward'][n] * 1e3:.0f}"
+                              for n in m["linear_forward"])
+                  + f". Greedy decode of {d['prompts']} corpus prompts x {d['new_tokens']} tokens: F.linear "
+                    f"{d['seconds']['linear']:.2f} s, columns-first {d['seconds']['columns_first']:.2f} s; same tokens: "
+                    f"{'yes' if d['same_tokens'] else '**NO**'}."]
     if "c" in r:
         cc = r["c"]
         lines += ["", f"(c) {cc['kind']} head {cc['site']}: {c['model']} L{cc['src_layer']} -> {cc['partner']} "

@@ -167,6 +167,11 @@ def run_bench(cfg: BenchConfig) -> dict:
             result["student"] = st = bench_student(cfg.student_target, cfg.corpus, cfg.reps,
                                                    continuation=cfg.student_continuation)
             ratios["s_student_step_packed_vs_one_row_per_sample"] = st["packed_vs_one_row_per_sample"]
+        if "h" in parts:
+            from bench.head import bench_head
+
+            result["head"] = hd = bench_head(cfg.student_target, cfg.corpus, cfg.reps)
+            ratios["h_decode_columns_first_vs_linear"] = hd["decode_columns_first_vs_linear"]
         result["ratios"] = ratios = dict(sorted(ratios.items()))
         result["met"] = {k: met(k, v) for k, v in ratios.items()}
         result["machine"]["loadavg_end"] = os.getloadavg()[0]

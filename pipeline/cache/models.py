@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from pipeline.cache import cache_dir, from_shared, to_shared
+from pipeline.cache.head import use_columns_first_head
 from pipeline.cache.checkpoint import INFO_FILE, read_info, tokenizer_hash, write_info
 from storage.files import atomic_path, sha256_file
 from pipeline.cache.tiny import TINY_PRESETS, build_tiny
@@ -247,6 +248,7 @@ def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype 
     # trust_remote_code stays off: a checkpoint must not run code we have not read.
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
     model.to(dev).eval()
+    use_columns_first_head(model)  # decoding and distillation: the CPU head's faster kernel
     tok = _tokenizer(path)
     cfg = model.config
     if info is None:

@@ -14,7 +14,7 @@ RATIOS = ("a_extract_vs_forward", "a_extract_vs_backbone", "b_extract_vs_naive",
           "e_store_vs_raw", "e_store_vs_float32", "a_partner_extract_vs_forward", "a_partner_extract_vs_backbone",
           "w_writer_vs_plain", "f_checksum_vs_extract", "f_checksum_vs_read", "f_listing_vs_read",
           "g_proxy_cached_per_token_512_over_32", "g_proxy_cached_vs_target_tokens_per_s_128",
-          "s_student_step_packed_vs_one_row_per_sample")
+          "s_student_step_packed_vs_one_row_per_sample", "h_decode_columns_first_vs_linear")
 
 
 def test_bench_reports_every_ratio(tmp_path, corpus_dir, capsys):
@@ -47,10 +47,17 @@ def test_bench_reports_every_ratio(tmp_path, corpus_dir, capsys):
     assert st["tokens_per_step"]["packed"] < st["tokens_per_step"]["one_row_per_sample"]
     assert res["ratios"]["s_student_step_packed_vs_one_row_per_sample"] == pytest.approx(
         st["seconds_per_step"]["packed"] / st["seconds_per_step"]["one_row_per_sample"], rel=1e-9)
+    hd = res["head"]  # both kernels timed at every row count; the decode gives the same tokens
+    assert set(hd["matmul_s"]["linear_forward"]) == set(hd["matmul_s"]["columns_first_forward_backward"]) == {
+        "1", "8", "16", "64"}
+    assert hd["decode"]["same_tokens"] is True
+    assert res["ratios"]["h_decode_columns_first_vs_linear"] == pytest.approx(
+        hd["decode"]["seconds"]["columns_first"] / hd["decode"]["seconds"]["linear"], rel=1e-9)
     assert (tmp_path / "bench.md").read_text().startswith("### cast bench: tiny-llama")
     printed = capsys.readouterr().out
     assert "| a_extract_vs_forward |" in printed and "(a) where extraction's time goes" in printed
     assert "| proxy_cached |" in printed and "(s) `cast distill` step on tiny-gemma3" in printed
+    assert "(h) tiny-gemma3's LM head" in printed
     assert "| w_writer_vs_plain |" in printed and "(w) the store's unit writer alone" in printed
     assert "| f_checksum_vs_extract |" in printed and "(f) integrity:" in printed
     assert not any((tmp_path / "work").iterdir())  # scratch stores and dumps cleaned up
