@@ -72,7 +72,7 @@ class BenchConfig:
     proxy_lengths: str = "32,128,512"
     """(g): total text lengths (prompt + generated, target tokens) at which the per-token time is taken."""
     student_target: str = "gemma3-270m"
-    """(s): the model a `cast distill` student is trained on."""
+    """(s): the model a `cast distill` student is trained on; (h): the model whose LM head is timed."""
     student_continuation: int = 2
     """(s): longest continuation sampled per prefix, in tokens (zero-data teacher samples average about 1.5)."""
     threads: int = 0
