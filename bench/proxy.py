@@ -3,7 +3,8 @@
 Systems, each greedy-decoding the same prompt: the target alone, the target with a LoRA
 of the source adapter's rank (what serving a distilled or retrained LoRA costs), the
 proxy re-reading the whole text with the source at every token (uncached), and the proxy
-with the source's KV caches (pipeline/assemble/proxy_cache.py). Per-token time is
+with the source's KV caches (pipeline/assemble/proxy_cache.py), reading the source with and
+without its LoRA in one pass a step (the default) or in two. Per-token time is
 decoding alone: (time for 1 + n new tokens − time for 1) / n, so the prompt's prefill
 is not counted; a length L means a prompt of L − n − 1 tokens. Repeats are interleaved
 (every system and length once per round) and medians are reported.
@@ -16,7 +17,7 @@ import torch
 
 from bench.timing import log, median
 
-SYSTEMS = ("target", "target_lora", "proxy_uncached", "proxy_cached")
+SYSTEMS = ("target", "target_lora", "proxy_uncached", "proxy_cached", "proxy_cached_two_pass")
 
 
 def _prompt_ids(tokenizer, corpus: str, length: int) -> torch.Tensor:
@@ -41,7 +42,8 @@ def _decode_seconds(model, ids: torch.Tensor, new: int, processors, pad: int) ->
 def bench_proxy(source: str, target: str, corpus: str, lengths=(32, 128, 512), new_tokens: int = 8,
                 reps: int = 3, rank: int = 8) -> dict:
     """The bench JSON's `proxy` entry: per_token_s and tokens_per_s per system and length,
-    per_token_ratio_512_32 of the cached proxy, and cached vs target-alone tokens/s at 128."""
+    per_token_ratio_512_32 of the cached proxy, cached vs target-alone tokens/s at 128, and
+    the cached proxy's per-token time in one source pass a step / in two, at 128."""
     from peft import LoraConfig, get_peft_model
 
     from pipeline.assemble.proxy import LogitProxy, processors
@@ -54,7 +56,8 @@ def bench_proxy(source: str, target: str, corpus: str, lengths=(32, 128, 512), n
     pad = tgt.tokenizer.pad_token_id if tgt.tokenizer.pad_token_id is not None else tgt.tokenizer.eos_token_id
     runs = {"target": (tgt.model, None), "target_lora": (lora_tgt, None),
             "proxy_uncached": (tgt.model, LogitProxy(lora_src, src.tokenizer, tgt.tokenizer, cache=False)),
-            "proxy_cached": (tgt.model, LogitProxy(lora_src, src.tokenizer, tgt.tokenizer, cache=True))}
+            "proxy_cached": (tgt.model, LogitProxy(lora_src, src.tokenizer, tgt.tokenizer, cache=True)),
+            "proxy_cached_two_pass": (tgt.model, LogitProxy(lora_src, src.tokenizer, tgt.tokenizer, one_pass=False))}
     prompts = {n: _prompt_ids(tgt.tokenizer, corpus, n - new_tokens - 1) for n in lengths}
     per_token: dict[str, dict[int, list[float]]] = {s: {n: [] for n in lengths} for s in SYSTEMS}
     _decode_seconds(tgt.model, prompts[lengths[0]], 2, processors(None), pad)  # warm-up
@@ -73,4 +76,5 @@ def bench_proxy(source: str, target: str, corpus: str, lengths=(32, 128, 512), n
     out[f"per_token_ratio_{last}_{first}"] = med["proxy_cached"][last] / med["proxy_cached"][first]
     if "128" in med["target"]:
         out["cached_vs_target_tokens_per_s_128"] = med["target"]["128"] / med["proxy_cached"]["128"]
+        out["one_pass_vs_two_pass_per_token_128"] = med["proxy_cached"]["128"] / med["proxy_cached_two_pass"]["128"]
     return out

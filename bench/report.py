@@ -57,6 +57,8 @@ def format_table(r: dict) -> str:
         "f_listing_vs_read": "presence check of every chunk file (one listing per unit) / a full checked read",
         "g_proxy_cached_per_token_512_over_32": "cached proxy: decode s per token at 512 tokens / at 32",
         "g_proxy_cached_vs_target_tokens_per_s_128": "cached proxy tok/s / target-alone tok/s, at 128 tokens",
+        "g_proxy_one_pass_vs_two_pass_128": "cached proxy decode s per token, source read once a step (LoRA and "
+                                            "base rows in one batch) / twice, at 128 tokens",
         "s_student_step_packed_vs_one_row_per_sample": "`cast distill` training step s, a prompt's samples packed in "
                                                        "one row / one row per sample",
         "h_decode_columns_first_vs_linear": "greedy decode s with the LM head as W·xᵀ / as F.linear (x·Wᵀ)",

@@ -161,6 +161,7 @@ def run_bench(cfg: BenchConfig) -> dict:
                 f"per_token_ratio_{lengths[-1]}_{lengths[0]}"]
             if "cached_vs_target_tokens_per_s_128" in p:
                 ratios["g_proxy_cached_vs_target_tokens_per_s_128"] = p["cached_vs_target_tokens_per_s_128"]
+                ratios["g_proxy_one_pass_vs_two_pass_128"] = p["one_pass_vs_two_pass_per_token_128"]
         if "s" in parts:
             from bench.student import bench_student
 

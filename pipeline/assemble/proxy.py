@@ -196,10 +196,12 @@ class LogitProxy(LogitsProcessor):
     get (docs/design.md#the-logit-proxy): "prefix" (default) the change of the source token
     their text begins with; "rest" the change of the source's mass outside the shared
     tokens; "none" nothing (the first proxy). cache=False re-reads the whole text at every
-    generated token (the reference the cache is tested against)."""
+    generated token (the reference the cache is tested against); one_pass=False makes the
+    cache read the source twice a step, LoRA on then off, instead of once over both (the
+    reference one pass is measured against)."""
 
     def __init__(self, source, src_tok, tgt_tok, batch_size: int = 32, others: str = "prefix",
-                 cache: bool = True):
+                 cache: bool = True, one_pass: bool = True):
         if others not in OTHERS:
             raise ProxyError(f"others={others!r}: choose one of {', '.join(OTHERS)}")
         self.source, self.src_tok, self.tgt_tok = source, src_tok, tgt_tok
@@ -215,6 +217,7 @@ class LogitProxy(LogitsProcessor):
             self.map_t = (first >= 0).nonzero()[:, 0]
             self.map_s = first[self.map_t]
         self.batch_size, self.others, self.cache, self._cache = batch_size, others, cache, None
+        self.one_pass = one_pass
         self.pad = src_tok.pad_token_id if src_tok.pad_token_id is not None else src_tok.eos_token_id
 
     def _encode(self, texts: list[str]) -> list[list[int]]:

@@ -3,13 +3,19 @@
 At every step the proxy must read the target's whole text with the source (with and
 without its LoRA). Re-reading it costs a pass over all of it, so a 512-token generation
 costs hundreds of times a cached one. Here each row keeps the source token ids it has
-read and two KV caches (LoRA on, LoRA off); a step re-tokenizes the text, keeps the
+read and its KV cache (LoRA on, LoRA off); a step re-tokenizes the text, keeps the
 longest prefix of ids that did not change, and reads only the rest. Byte-level BPE can
 merge a new piece of text with the last token (" Kual" + "a" -> " Kuala"), so a few
 tokens at the tail may be re-read: their old cache slots are masked out, never reused,
 and the new ones are appended, with position ids that count real tokens only. A masked
 slot has no weight in attention, so the logits equal a fresh read of the text up to
 float rounding (tests/pipeline/assemble/test_proxy.py compares greedy outputs).
+
+Both reads (LoRA on, LoRA off) are one forward pass over the rows twice, the first half
+with the adapter and the second half without (PEFT's mixed-adapter batch): a decoding
+step reads one token per row, where a pass costs mostly the reading of the weights, so two
+rows cost less than two single rows do (cast bench part g measures both). A source that
+is not a PEFT model with one active, unmerged adapter is read in two passes.
 """
 from __future__ import annotations
 
@@ -20,14 +26,17 @@ import torch
 
 class SourceCache:
     """One generation's source state: per row the (slot, id) pairs read so far, the
-    attention mask over every slot written, and the two caches."""
+    attention mask over every slot written, and the KV caches."""
 
     def __init__(self, proxy):
         self.proxy = proxy
         self.rows: list[list[tuple[int, int]]] = []
         self.mask: torch.Tensor | None = None
-        self.caches: dict[bool, object] = {True: None, False: None}
+        self.caches: dict[str, object] = {}
+        """KV caches by pass: "both" (one pass, LoRA rows then base rows), or "lora" and "base"."""
         self.seen: torch.Tensor | None = None
+        self.adapter = mixed_batch_adapter(proxy.source) if proxy.one_pass else None
+        """The adapter's name when both reads share one pass; None: two passes."""
 
     def continues(self, input_ids: torch.Tensor) -> bool:
         """Whether input_ids is the last step's batch plus one token per row."""
@@ -65,13 +74,41 @@ class SourceCache:
             pos[i, :off] = len(self.rows[i])  # masked slots: any position, nothing reads them
             self.rows[i] += [(start + off + j, t) for j, t in enumerate(new)]
         self.mask = cmask if self.mask is None else torch.cat([self.mask, cmask], 1)
+        if self.adapter is not None:
+            return self._one_pass(chunk.to(device), self.mask.to(device), pos.to(device))
         out = {}
-        for lora in (True, False):
+        for lora, key in ((True, "lora"), (False, "base")):
             ctx = contextlib.nullcontext() if lora else self.proxy.source.disable_adapter()
             with ctx:
                 res = self.proxy.source(input_ids=chunk.to(device), attention_mask=self.mask.to(device),
-                                        position_ids=pos.to(device), past_key_values=self.caches[lora],
+                                        position_ids=pos.to(device), past_key_values=self.caches.get(key),
                                         use_cache=True)
-            self.caches[lora] = res.past_key_values
+            self.caches[key] = res.past_key_values
             out[lora] = res.logits[:, -1].float().log_softmax(-1)
         return out[True], out[False]
+
+    def _one_pass(self, chunk: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """step()'s two reads as one pass over (2·rows, width): LoRA rows first."""
+        n = chunk.shape[0]
+        res = self.proxy.source(input_ids=chunk.repeat(2, 1), attention_mask=mask.repeat(2, 1),
+                                position_ids=pos.repeat(2, 1), past_key_values=self.caches.get("both"), use_cache=True,
+                                adapter_names=[self.adapter] * n + ["__base__"] * n)
+        self.caches["both"] = res.past_key_values
+        logp = res.logits[:, -1].float().log_softmax(-1)
+        return logp[:n], logp[n:]
+
+
+def mixed_batch_adapter(source) -> str | None:
+    """The one active LoRA adapter of a PEFT model in eval mode that can serve a batch whose
+    rows choose it or the base, or None (not a PEFT model, several active adapters, merged
+    weights, training mode): then the two reads are two passes."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(source, PeftModel) or source.training:
+        return None
+    active = source.active_adapters
+    layers = [m for m in source.modules() if isinstance(m, LoraLayer)]
+    if len(active) != 1 or not layers or any(m.merged for m in layers):
+        return None
+    return active[0]

@@ -14,7 +14,8 @@ RATIOS = ("a_extract_vs_forward", "a_extract_vs_backbone", "b_extract_vs_naive",
           "e_store_vs_raw", "e_store_vs_float32", "a_partner_extract_vs_forward", "a_partner_extract_vs_backbone",
           "w_writer_vs_plain", "f_checksum_vs_extract", "f_checksum_vs_read", "f_listing_vs_read",
           "g_proxy_cached_per_token_512_over_32", "g_proxy_cached_vs_target_tokens_per_s_128",
-          "s_student_step_packed_vs_one_row_per_sample", "h_decode_columns_first_vs_linear")
+          "g_proxy_one_pass_vs_two_pass_128", "s_student_step_packed_vs_one_row_per_sample",
+          "h_decode_columns_first_vs_linear")
 
 
 def test_bench_reports_every_ratio(tmp_path, corpus_dir, capsys):
@@ -38,11 +39,14 @@ def test_bench_reports_every_ratio(tmp_path, corpus_dir, capsys):
     for method in ("extract", "forward", "backbone", "hooks", "extract_no_write", "naive", "head_epoch_recompute",
                    "head_epoch_store_streamed", "writer", "plain_write", "partner_extract", "partner_backbone"):
         assert len(res["times"][method]) == 2 and all(t > 0 for t in res["times"][method])
-    assert set(res["proxy"]["tokens_per_s"]) == {"target", "target_lora", "proxy_uncached", "proxy_cached"}
+    assert set(res["proxy"]["tokens_per_s"]) == {"target", "target_lora", "proxy_uncached", "proxy_cached",
+                                                 "proxy_cached_two_pass"}
     assert all(set(v) == {"32", "128", "512"} for v in res["proxy"]["tokens_per_s"].values())
     tps = res["proxy"]["tokens_per_s"]  # the ratio is what its name says, the right way up
     assert res["ratios"]["g_proxy_cached_vs_target_tokens_per_s_128"] == pytest.approx(
         tps["proxy_cached"]["128"] / tps["target"]["128"], rel=1e-9)
+    assert res["ratios"]["g_proxy_one_pass_vs_two_pass_128"] == pytest.approx(
+        tps["proxy_cached_two_pass"]["128"] / tps["proxy_cached"]["128"], rel=1e-9)
     st = res["student"]  # the same samples both ways; packing reads each prompt once
     assert st["tokens_per_step"]["packed"] < st["tokens_per_step"]["one_row_per_sample"]
     assert res["ratios"]["s_student_step_packed_vs_one_row_per_sample"] == pytest.approx(

@@ -178,6 +178,40 @@ def test_the_cached_proxy_decodes_exactly_as_the_uncached_one(tiny_proxy):
     assert outs[True] != plain  # the proxy changed what the target writes
 
 
+def test_one_source_pass_a_step_gives_the_two_passes_logits(tiny_proxy):
+    """The cache reads the source with and without its LoRA in one pass (LoRA rows, then
+    base rows); the shift it gives at every step equals two separate passes', and a source
+    with merged weights falls back to two passes."""
+    from pipeline.assemble import proxy_cache
+    from pipeline.lora.tasks import load_task
+
+    source, src_tok, tgt = tiny_proxy
+    prompts = [e.prompt for e in load_task("reverse", split="test").test[:6]]
+    enc = tgt.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    calls = []
+    hook = source.register_forward_pre_hook(lambda *_: calls.append(1))
+    shifts = {}
+    try:
+        for one in (True, False):
+            proxy, ids, out, calls[:] = LogitProxy(source, src_tok, tgt.tokenizer, one_pass=one), enc.input_ids, [], []
+            for _ in range(5):  # the target's greedy steps, the proxy shifting zeros
+                z = proxy(ids, torch.zeros(len(prompts), tgt.model.config.vocab_size))
+                out.append(z)
+                ids = torch.cat([ids, z.argmax(-1, keepdim=True)], 1)
+            shifts[one] = torch.stack(out)
+            assert len(calls) == (5 if one else 10)
+    finally:
+        hook.remove()
+    assert (shifts[True] - shifts[False]).abs().max() < 1e-4
+    assert shifts[True].abs().max() > 0.1  # the LoRA moved something
+    assert proxy_cache.mixed_batch_adapter(source) == "default"
+    source.merge_adapter()
+    try:
+        assert proxy_cache.mixed_batch_adapter(source) is None
+    finally:
+        source.unmerge_adapter()
+
+
 def test_the_vocabulary_maps_are_computed_once_per_tokenizer_pair(pair, monkeypatch, tmp_path):
     from pipeline.assemble import proxy as proxy_mod
 
