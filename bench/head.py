@@ -17,13 +17,10 @@ import torch.nn.functional as F
 from bench.timing import log, median
 
 
-def _timed(fn, reps: int) -> list[float]:
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def bench_head(target: str, corpus: str, reps: int = 3, rows: tuple[int, ...] = (1, 8, 16, 64),
@@ -49,10 +46,10 @@ def bench_head(target: str, corpus: str, reps: int = 3, rows: tuple[int, ...] = 
         times = {f"{name}_{p}": [] for name in kernels for p in ("forward", "forward_backward")}
         for rep in range(reps):
             for name, k in (kernels.items() if rep % 2 == 0 else reversed(kernels.items())):
-                times[f"{name}_forward"] += _timed(lambda: k(x), 1)
+                times[f"{name}_forward"].append(_seconds(lambda: k(x)))
                 xg = x.clone().requires_grad_(True)
                 with torch.enable_grad():  # `cast bench` runs with grad off
-                    times[f"{name}_forward_backward"] += _timed(lambda: k(xg).backward(g), 1)
+                    times[f"{name}_forward_backward"].append(_seconds(lambda: k(xg).backward(g)))
         for key, ts in times.items():
             matmul[key][n] = median(ts)
         log(f"(h) {n} rows: F.linear {matmul['linear_forward'][n] * 1e3:.1f} ms, columns-first "
@@ -60,7 +57,7 @@ def bench_head(target: str, corpus: str, reps: int = 3, rows: tuple[int, ...] = 
 
     tok = lm.tokenizer
     tok.padding_side = "left"
-    texts = [t[:120] for t in corpus_texts(corpus, prompts)][:prompts]
+    texts = [t[:120] for t in corpus_texts(corpus, prompts)]
     enc = tok(texts, return_tensors="pt", padding=True)
     eos = tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id
 
