@@ -74,15 +74,15 @@ class SourceCache:
             pos[i, :off] = len(self.rows[i])  # masked slots: any position, nothing reads them
             self.rows[i] += [(start + off + j, t) for j, t in enumerate(new)]
         self.mask = cmask if self.mask is None else torch.cat([self.mask, cmask], 1)
+        chunk, mask, pos = chunk.to(device), self.mask.to(device), pos.to(device)
         if self.adapter is not None:
-            return self._one_pass(chunk.to(device), self.mask.to(device), pos.to(device))
+            return self._one_pass(chunk, mask, pos)
         out = {}
         for lora, key in ((True, "lora"), (False, "base")):
             ctx = contextlib.nullcontext() if lora else self.proxy.source.disable_adapter()
             with ctx:
-                res = self.proxy.source(input_ids=chunk.to(device), attention_mask=self.mask.to(device),
-                                        position_ids=pos.to(device), past_key_values=self.caches.get(key),
-                                        use_cache=True)
+                res = self.proxy.source(input_ids=chunk, attention_mask=mask, position_ids=pos,
+                                        past_key_values=self.caches.get(key), use_cache=True)
             self.caches[key] = res.past_key_values
             out[lora] = res.logits[:, -1].float().log_softmax(-1)
         return out[True], out[False]
