@@ -97,7 +97,7 @@ class StudentConfig:
     per step instead of samples one by one. The fast recipe is --pack --batch-size 16 --steps 120 (4 prompts x 4
     samples a step, as many samples seen as the default): on capital, zero task data, it trained in 0.34 of the
     time of the same steps one row per sample, at exact match 0.76, 0.74, 0.67 on three seeds against the
-    default's 0.74, 0.77, 0.74 (docs/results.md); with 2 prompts a step exact match fell to 0.51."""
+    default's 0.74, 0.76, 0.73 on the same machine (docs/results.md); with 2 prompts a step exact match fell to 0.51."""
     lr: float = 2e-3
     """Peak learning rate (AdamW, warmup then linear decay to a tenth)."""
     seed: int = 0
