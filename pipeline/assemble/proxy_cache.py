@@ -16,6 +16,11 @@ with the adapter and the second half without (PEFT's mixed-adapter batch): a dec
 step reads one token per row, where a pass costs mostly the reading of the weights, so two
 rows cost less than two single rows do (cast bench part g measures both). A source that
 is not a PEFT model with one active, unmerged adapter is read in two passes.
+
+A teacher (`cast distill`) samples each prompt several times in one batch, and reading
+the prompts is most of its source work (its continuations are a few tokens): the first
+read takes each distinct row once and copies its KV cache to the rows that share it. The
+vocabulary head runs on the last column only (`logits_to_keep`), the one the proxy reads.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ class SourceCache:
         self.seen: torch.Tensor | None = None
         self.adapter = mixed_batch_adapter(proxy.source) if proxy.one_pass else None
         """The adapter's name when both reads share one pass; None: two passes."""
+        self.keep = logits_to_keep(proxy.source)
 
     def continues(self, input_ids: torch.Tensor) -> bool:
         """Whether input_ids is the last step's batch plus one token per row."""
@@ -73,29 +79,61 @@ class SourceCache:
             pos[i, off:] = torch.arange(len(self.rows[i]), len(self.rows[i]) + len(new))
             pos[i, :off] = len(self.rows[i])  # masked slots: any position, nothing reads them
             self.rows[i] += [(start + off + j, t) for j, t in enumerate(new)]
-        self.mask = cmask if self.mask is None else torch.cat([self.mask, cmask], 1)
-        chunk, mask, pos = chunk.to(device), self.mask.to(device), pos.to(device)
+        first = self.mask is None
+        self.mask = cmask if first else torch.cat([self.mask, cmask], 1)
+        # The first read is the prompts', and a teacher samples each prompt several times:
+        # rows with the same ids are read once and their caches copied (`copies`).
+        keys = [tuple(p) for p in plan]
+        unique = list(dict.fromkeys(keys))
+        copies, mask = None, self.mask
+        if first and len(unique) < len(keys):
+            where = {k: j for j, k in enumerate(unique)}
+            copies = torch.tensor([where[k] for k in keys], device=device)
+            one = [keys.index(k) for k in unique]
+            chunk, mask, pos = chunk[one], mask[one], pos[one]
+        chunk, mask, pos = chunk.to(device), mask.to(device), pos.to(device)
         if self.adapter is not None:
-            return self._one_pass(chunk, mask, pos)
+            return self._one_pass(chunk, mask, pos, copies)
         out = {}
         for lora, key in ((True, "lora"), (False, "base")):
             ctx = contextlib.nullcontext() if lora else self.proxy.source.disable_adapter()
             with ctx:
                 res = self.proxy.source(input_ids=chunk, attention_mask=mask, position_ids=pos,
-                                        past_key_values=self.caches.get(key), use_cache=True)
-            self.caches[key] = res.past_key_values
-            out[lora] = res.logits[:, -1].float().log_softmax(-1)
+                                        past_key_values=self.caches.get(key), use_cache=True, **self.keep)
+            self.caches[key] = _copied(res.past_key_values, copies)
+            logp = res.logits[:, -1].float().log_softmax(-1)
+            out[lora] = logp if copies is None else logp[copies]
         return out[True], out[False]
 
-    def _one_pass(self, chunk: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _one_pass(self, chunk: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+                  copies: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """step()'s two reads as one pass over (2·rows, width): LoRA rows first."""
         n = chunk.shape[0]
         res = self.proxy.source(input_ids=chunk.repeat(2, 1), attention_mask=mask.repeat(2, 1),
                                 position_ids=pos.repeat(2, 1), past_key_values=self.caches.get("both"), use_cache=True,
-                                adapter_names=[self.adapter] * n + ["__base__"] * n)
-        self.caches["both"] = res.past_key_values
+                                adapter_names=[self.adapter] * n + ["__base__"] * n, **self.keep)
         logp = res.logits[:, -1].float().log_softmax(-1)
-        return logp[:n], logp[n:]
+        if copies is not None:
+            logp = torch.cat([logp[:n][copies], logp[n:][copies]])
+            copies = torch.cat([copies, copies + n])
+        self.caches["both"] = _copied(res.past_key_values, copies)
+        return logp.chunk(2)
+
+
+def _copied(cache, rows: torch.Tensor | None):
+    """The KV cache with its batch rows taken in the order `rows` gives (repeats allowed)."""
+    if rows is not None:
+        cache.reorder_cache(rows)
+    return cache
+
+
+def logits_to_keep(model) -> dict:
+    """{"logits_to_keep": 1} when the model's forward takes it (the source's vocabulary
+    head then runs on the last column only, the one the proxy reads), else {}."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
 
 
 def mixed_batch_adapter(source) -> str | None:

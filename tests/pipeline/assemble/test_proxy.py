@@ -212,6 +212,36 @@ def test_one_source_pass_a_step_gives_the_two_passes_logits(tiny_proxy):
         source.unmerge_adapter()
 
 
+def test_a_prompt_that_several_rows_share_is_read_once(tiny_proxy):
+    """A teacher samples each prompt several times: the cache's first read takes each
+    distinct prompt once and copies its KV cache to the rows that share it, and every step
+    after (rows part ways) gives the shift a fresh read of each row's whole text gives."""
+    from pipeline.lora.tasks import load_task
+
+    source, src_tok, tgt = tiny_proxy
+    prompts = [e.prompt for e in load_task("capital", split="test").test[:3]]
+    rows = [p for p in prompts for _ in range(3)]
+    enc = tgt.tokenizer(rows, return_tensors="pt", padding=True, padding_side="left")
+    vocab = tgt.model.config.vocab_size
+    read = []
+    hook = source.register_forward_pre_hook(lambda m, a, kw: read.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        for one in (True, False):
+            cached, fresh = (LogitProxy(source, src_tok, tgt.tokenizer, cache=c, one_pass=one) for c in (True, False))
+            ids, read[:] = enc.input_ids, []
+            g = torch.Generator().manual_seed(1)
+            for step in range(4):
+                zeros = torch.zeros(len(rows), vocab)
+                got = cached(ids, zeros)
+                if step == 0:
+                    assert read == ([2 * len(prompts)] if one else [len(prompts)] * 2)
+                assert (got - fresh(ids, zeros)).abs().max() < 1e-4, (one, step)
+                ids = torch.cat([ids, torch.randint(10, vocab, (len(rows), 1), generator=g)], 1)  # rows part ways
+            assert read[-1] == (2 * len(rows) if one else len(rows))
+    finally:
+        hook.remove()
+
+
 def test_the_vocabulary_maps_are_computed_once_per_tokenizer_pair(pair, monkeypatch, tmp_path):
     from pipeline.assemble import proxy as proxy_mod
 
