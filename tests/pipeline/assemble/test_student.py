@@ -120,6 +120,40 @@ def test_teacher_draws_depend_on_the_sampling_batch_not_the_training_batch(lora,
     assert drawn[0] != drawn[2]  # the sampling batch seeds them
 
 
+def test_the_teacher_reads_a_prompt_its_samples_share_once(monkeypatch):
+    """sample_teacher reads each distinct prompt of a batch once (the samples of a prompt
+    share its KV cache) and draws exactly what reading every row gives; tiny-gemma3's
+    sliding-window layers included."""
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline.assemble import teacher
+    from pipeline.assemble.proxy import LogitProxy
+
+    torch.manual_seed(0)
+    src, tgt = load_model("tiny-llama"), load_model("tiny-gemma3")
+    source = get_peft_model(src.model, LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"],
+                                                  init_lora_weights=False)).eval()
+    prompts = [e.prompt for e in load_task("capital", split="train", seed=0).train[:3]]
+
+    def draw():
+        proxy = LogitProxy(source, src.tokenizer, tgt.tokenizer)
+        return teacher.sample_teacher(tgt.model, tgt.tokenizer, proxy, prompts, 3, 6, top_k=8, batch_size=9,
+                                      progress=False)
+    read = []
+    hook = tgt.model.register_forward_pre_hook(lambda m, a, kw: read.append(kw["input_ids"].shape[0]),
+                                               with_kwargs=True)
+    try:
+        shared = draw()
+    finally:
+        hook.remove()
+    assert read[0] == 3 and set(read[1:]) == {9}  # the prompts once each, then every row a step
+    monkeypatch.setattr(teacher, "shared_prompt_cache", lambda *a: None)
+    each = draw()
+    assert [(x.ids, x.start) for x in shared] == [(x.ids, x.start) for x in each]
+    assert max((a.top_lp - b.top_lp).abs().max().item() for a, b in zip(shared, each)) < 1e-4
+    assert len({tuple(x.ids) for x in shared}) > 3  # a prompt's rows were sampled apart
+
+
 def test_distill_refuses_test_prompts_and_resumes_its_samples(lora, tmp_path, capsys, monkeypatch):
     test = load_task("add2", split="test", seed=0).test
     bad = tmp_path / "bad.jsonl"
