@@ -55,7 +55,7 @@ def test_distilled_lora_is_plain_peft_and_moves_towards_the_teacher(lora, tmp_pa
     out = tmp_path / "d"
     code, stdout, _ = run(capsys, "distill", "--adapter", lora, "--target", "tiny-llama", "--data", "prompts",
                           "--prompts", prompts, "--out", out, "--steps", "30", "--samples", "2", "--heldout", "0.25",
-                          "--lr", "1e-2", "--precision", "bfloat16", "--quiet")
+                          "--lr", "1e-2", "--precision", "bfloat16", "--no-pack", "--batch-size", "8", "--quiet")
     assert code == 0
     info = json.loads((out / "cast_distill.json").read_text())
     assert info["data"]["regime"] == "prompts" and info["data"]["k"] == 12
@@ -88,7 +88,7 @@ def test_packed_distillation_trains_on_whole_prompts(lora, tmp_path, capsys, mon
     out = tmp_path / "p"
     code, _, _ = run(capsys, "distill", "--adapter", lora, "--target", "tiny-llama", "--data", "prompts",
                      "--prompts", prompts, "--out", out, "--steps", "30", "--samples", "2", "--heldout", "0.25",
-                     "--lr", "1e-2", "--pack", "--quiet")
+                     "--lr", "1e-2", "--batch-size", "8", "--quiet")  # packed: the default
     assert code == 0
     info = json.loads((out / "cast_distill.json").read_text())
     assert info["student"]["packed"] is True and info["config"]["pack"] is True
