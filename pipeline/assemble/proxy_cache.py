@@ -43,6 +43,7 @@ class SourceCache:
         self.adapter = mixed_batch_adapter(proxy.source) if proxy.one_pass else None
         """The adapter's name when both reads share one pass; None: two passes."""
         self.keep = logits_to_keep(proxy.source)
+        self.kv = cache_arg(proxy.source)
 
     def continues(self, input_ids: torch.Tensor) -> bool:
         """Whether input_ids is the last step's batch plus one token per row."""
@@ -99,8 +100,8 @@ class SourceCache:
             ctx = contextlib.nullcontext() if lora else self.proxy.source.disable_adapter()
             with ctx:
                 res = self.proxy.source(input_ids=chunk, attention_mask=mask, position_ids=pos,
-                                        past_key_values=self.caches.get(key), use_cache=True, **self.keep)
-            self.caches[key] = _copied(res.past_key_values, copies)
+                                        **{self.kv: self.caches.get(key)}, use_cache=True, **self.keep)
+            self.caches[key] = _copied(returned_cache(res), copies)
             logp = res.logits[:, -1].float().log_softmax(-1)
             out[lora] = logp if copies is None else logp[copies]
         return out[True], out[False]
@@ -110,13 +111,13 @@ class SourceCache:
         """step()'s two reads as one pass over (2·rows, width): LoRA rows first."""
         n = chunk.shape[0]
         res = self.proxy.source(input_ids=chunk.repeat(2, 1), attention_mask=mask.repeat(2, 1),
-                                position_ids=pos.repeat(2, 1), past_key_values=self.caches.get("both"), use_cache=True,
+                                position_ids=pos.repeat(2, 1), **{self.kv: self.caches.get("both")}, use_cache=True,
                                 adapter_names=[self.adapter] * n + ["__base__"] * n, **self.keep)
         logp = res.logits[:, -1].float().log_softmax(-1)
         if copies is not None:
             logp = torch.cat([logp[:n][copies], logp[n:][copies]])
             copies = torch.cat([copies, copies + n])
-        self.caches["both"] = _copied(res.past_key_values, copies)
+        self.caches["both"] = _copied(returned_cache(res), copies)
         return logp.chunk(2)
 
 
@@ -127,13 +128,30 @@ def _copied(cache, rows: torch.Tensor | None):
     return cache
 
 
-def logits_to_keep(model) -> dict:
-    """{"logits_to_keep": 1} when the model's forward takes it (the source's vocabulary
-    head then runs on the last column only, the one the proxy reads), else {}."""
+def _forward_args(model) -> set[str]:
     import inspect
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+    return set(inspect.signature(base.forward).parameters)
+
+
+def logits_to_keep(model) -> dict:
+    """{"logits_to_keep": 1} when the model's forward takes it (the source's vocabulary
+    head then runs on the last column only, the one the proxy reads), else {}."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in _forward_args(model) else {}
+
+
+def cache_arg(model) -> str:
+    """The name the model's forward (and generate) takes a KV cache by: `cache` where
+    transformers has renamed it, else the old `past_key_values` (which its deprecation
+    warning says goes in 5.40; pyproject allows any 5.x)."""
+    return "cache" if "cache" in _forward_args(model) else "past_key_values"
+
+
+def returned_cache(output):
+    """The KV cache a forward returned, under either name."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 def mixed_batch_adapter(source) -> str | None:

@@ -59,9 +59,8 @@ def sample_teacher(model, tokenizer, proxy, prompts: list[str], per_prompt: int,
         torch.manual_seed(seed * 1_000_003 + s)  # a batch's draws depend on the seed and its place alone
         enc = [tokenizer(p, add_special_tokens=True).input_ids for p in rows[s:s + batch_size]]
         ids, mask = (t.to(device) for t in left_pad(enc, pad)[:2])
-        cache = shared_prompt_cache(model, ids, mask)
         res = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen,
-                             logits_processor=processors(proxy), **({"cache": cache} if cache is not None else {}))
+                             logits_processor=processors(proxy), **(shared_prompt_cache(model, ids, mask) or {}))
         width = ids.shape[1]
         lp = torch.stack(res.scores, 1).float().log_softmax(-1)  # (batch, steps, vocab)
         for r, prompt_ids in enumerate(enc):
@@ -79,8 +78,9 @@ def sample_teacher(model, tokenizer, proxy, prompts: list[str], per_prompt: int,
 def shared_prompt_cache(model, ids: torch.Tensor, mask: torch.Tensor):
     """The target's KV cache of every left-padded row but its last column, each distinct row
     read once and copied to the rows that share it (a teacher samples each prompt several
-    times in a batch), for generate() to go on from; None when no two rows are alike."""
-    from pipeline.assemble.proxy_cache import logits_to_keep
+    times in a batch), as the keyword generate() goes on from; None when no two rows are
+    alike."""
+    from pipeline.assemble.proxy_cache import cache_arg, logits_to_keep, returned_cache
 
     keys = [tuple(r) for r in ids.tolist()]
     unique = list(dict.fromkeys(keys))
@@ -88,10 +88,10 @@ def shared_prompt_cache(model, ids: torch.Tensor, mask: torch.Tensor):
         return None
     one = [keys.index(k) for k in unique]
     pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # the position ids generate() gives left-padded rows
-    cache = model(input_ids=ids[one, :-1], attention_mask=mask[one, :-1], position_ids=pos[one, :-1], use_cache=True,
-                  **logits_to_keep(model)).past_key_values
+    cache = returned_cache(model(input_ids=ids[one, :-1], attention_mask=mask[one, :-1], position_ids=pos[one, :-1],
+                                 use_cache=True, **logits_to_keep(model)))
     cache.reorder_cache(torch.tensor([unique.index(k) for k in keys], device=ids.device))
-    return cache
+    return {cache_arg(model): cache}
 
 
 @torch.no_grad()
