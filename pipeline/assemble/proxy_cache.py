@@ -84,14 +84,11 @@ class SourceCache:
         self.mask = cmask if first else torch.cat([self.mask, cmask], 1)
         # The first read is the prompts', and a teacher samples each prompt several times:
         # rows with the same ids are read once and their caches copied (`copies`).
-        keys = [tuple(p) for p in plan]
-        unique = list(dict.fromkeys(keys))
         copies, mask = None, self.mask
-        if first and len(unique) < len(keys):
-            where = {k: j for j, k in enumerate(unique)}
-            copies = torch.tensor([where[k] for k in keys], device=device)
-            one = [keys.index(k) for k in unique]
-            chunk, mask, pos = chunk[one], mask[one], pos[one]
+        shared = distinct_rows(plan) if first else None
+        if shared is not None:
+            one, copies = shared
+            chunk, mask, pos, copies = chunk[one], mask[one], pos[one], copies.to(device)
         chunk, mask, pos = chunk.to(device), mask.to(device), pos.to(device)
         if self.adapter is not None:
             return self._one_pass(chunk, mask, pos, copies)
@@ -119,6 +116,16 @@ class SourceCache:
             copies = torch.cat([copies, copies + n])
         self.caches["both"] = _copied(returned_cache(res), copies)
         return logp.chunk(2)
+
+
+def distinct_rows(rows: list) -> tuple[list[int], torch.Tensor] | None:
+    """(where each distinct row first occurs, for every row the index of its distinct row
+    among those), or None when no two rows are alike."""
+    where: dict[tuple, int] = {}
+    copies = [where.setdefault(tuple(r), len(where)) for r in rows]
+    if len(where) == len(rows):
+        return None
+    return [copies.index(j) for j in range(len(where))], torch.tensor(copies)
 
 
 def _copied(cache, rows: torch.Tensor | None):

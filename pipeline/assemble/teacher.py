@@ -58,9 +58,9 @@ def sample_teacher(model, tokenizer, proxy, prompts: list[str], per_prompt: int,
     for s in range(0, len(rows), batch_size):
         torch.manual_seed(seed * 1_000_003 + s)  # a batch's draws depend on the seed and its place alone
         enc = [tokenizer(p, add_special_tokens=True).input_ids for p in rows[s:s + batch_size]]
-        ids, mask = (t.to(device) for t in left_pad(enc, pad)[:2])
+        ids, mask, pos = (t.to(device) for t in left_pad(enc, pad))
         res = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen,
-                             logits_processor=processors(proxy), **(shared_prompt_cache(model, ids, mask) or {}))
+                             logits_processor=processors(proxy), **(shared_prompt_cache(model, ids, mask, pos) or {}))
         width = ids.shape[1]
         lp = torch.stack(res.scores, 1).float().log_softmax(-1)  # (batch, steps, vocab)
         for r, prompt_ids in enumerate(enc):
@@ -75,22 +75,20 @@ def sample_teacher(model, tokenizer, proxy, prompts: list[str], per_prompt: int,
 
 
 @torch.no_grad()
-def shared_prompt_cache(model, ids: torch.Tensor, mask: torch.Tensor):
-    """The target's KV cache of every left-padded row but its last column, each distinct row
-    read once and copied to the rows that share it (a teacher samples each prompt several
-    times in a batch), as the keyword generate() goes on from; None when no two rows are
-    alike."""
-    from pipeline.assemble.proxy_cache import cache_arg, logits_to_keep, returned_cache
+def shared_prompt_cache(model, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor):
+    """The target's KV cache of every left-padded row (left_pad's ids, mask, positions) but its
+    last column, each distinct row read once and copied to the rows that share it (a teacher
+    samples each prompt several times in a batch), as the keyword generate() goes on from;
+    None when no two rows are alike."""
+    from pipeline.assemble.proxy_cache import cache_arg, distinct_rows, logits_to_keep, returned_cache
 
-    keys = [tuple(r) for r in ids.tolist()]
-    unique = list(dict.fromkeys(keys))
-    if len(unique) == len(keys) or ids.shape[1] < 2:
+    shared = distinct_rows(ids.tolist())
+    if shared is None or ids.shape[1] < 2:
         return None
-    one = [keys.index(k) for k in unique]
-    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # the position ids generate() gives left-padded rows
+    one, copies = shared
     cache = returned_cache(model(input_ids=ids[one, :-1], attention_mask=mask[one, :-1], position_ids=pos[one, :-1],
                                  use_cache=True, **logits_to_keep(model)))
-    cache.reorder_cache(torch.tensor([unique.index(k) for k in keys], device=ids.device))
+    cache.reorder_cache(copies.to(ids.device))
     return {cache_arg(model): cache}
 
 
