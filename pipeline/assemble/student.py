@@ -71,7 +71,10 @@ class StudentConfig:
     prefixes: int = 48
     """Corpus prefixes kept (salient: the most salient; uniform: random)."""
     samples: int = 4
-    """Continuations the teacher writes per prefix or prompt (temperature 1)."""
+    """Continuations the teacher writes per prefix or prompt."""
+    temperature: float = 1.0
+    """Temperature the teacher's continuations are sampled at. It chooses only the text: the student is matched
+    to the teacher's own distribution (temperature 1) at every position of it."""
     max_new_tokens: int = 24
     """Longest continuation, in target tokens (one ends earlier at eos)."""
     sample_batch: int = 8
@@ -132,6 +135,8 @@ class StudentConfig:
                      "batch_size"):
             if getattr(self, name) < 1:
                 raise DistillError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be 1 or more")
+        if not self.temperature > 0:
+            raise DistillError(f"--temperature {self.temperature}: must be above 0 (1 samples the teacher as it is)")
         if not 0 <= self.heldout < 1:
             raise DistillError(f"--heldout {self.heldout}: a fraction in [0, 1)")
         if self.precision not in PRECISIONS:
@@ -288,7 +293,7 @@ def run_distill(cfg: StudentConfig, progress: bool = True) -> dict:
         n_held = int(round(cfg.heldout * len(starts)))
         starts = [starts[i] for i in order]
         samples = sample_teacher(tgt.model, tgt.tokenizer, proxy, starts, cfg.samples, cfg.max_new_tokens,
-                                 cfg.top_k, cfg.seed, cfg.sample_batch, progress)
+                                 cfg.top_k, cfg.seed, cfg.sample_batch, progress, cfg.temperature)
         smeta = {"key": key, "starts": None, "prefixes": len(starts), "heldout_prefixes": n_held,
                  "examples": starts[:3], "salience": salience[:5] if salience else None,
                  "salience_median_of_candidates": median, "augmented": augmented,

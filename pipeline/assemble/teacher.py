@@ -4,7 +4,8 @@
               prefixes of generic corpus text, chosen by how much the source LoRA acts
               there (salient) or at random (uniform)
     samples   continuations drawn from the teacher itself (the target decoding through the
-              proxy, temperature 1), so the student learns on text the teacher would write
+              proxy; temperature 1 unless asked), so the student learns on text the teacher
+              would write
     targets   at every continuation position, the teacher's top-k log-probabilities: the
               sampling step computes them anyway, so scoring costs nothing more
 
@@ -38,20 +39,26 @@ class Sample:
 
 @torch.no_grad()
 def sample_teacher(model, tokenizer, proxy, prompts: list[str], per_prompt: int, max_new_tokens: int,
-                   top_k: int = 64, seed: int = 0, batch_size: int = 8, progress: bool = True) -> list[Sample]:
+                   top_k: int = 64, seed: int = 0, batch_size: int = 8, progress: bool = True,
+                   temperature: float = 1.0) -> list[Sample]:
     """per_prompt continuations of each prompt, sampled from the target decoding through
-    the proxy (LogitsProcessorList or LogitProxy), with the teacher's top-k at every step."""
+    the proxy (LogitsProcessorList or LogitProxy) at `temperature`, with the teacher's own
+    (temperature 1) top-k at every step."""
     from tqdm.auto import tqdm
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, TemperatureLogitsWarper
 
     from pipeline.assemble.proxy import processors
 
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    # temperature 1 and no top-k/top-p: the scores generate() reports are the teacher's own logits
+    # No top-k/top-p, and the temperature applied after the proxy (generate() runs the processors
+    # passed to it after its own, in order): the scores it reports are the teacher's logits / temperature.
     gen = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
                            pad_token_id=pad, eos_token_id=eos, output_scores=True, return_dict_in_generate=True)
+    procs = processors(proxy)
+    if temperature != 1.0:
+        procs = type(procs)([*procs, TemperatureLogitsWarper(temperature)])
     rows = [p for p in prompts for _ in range(per_prompt)]
     out: list[Sample] = []
     bar = tqdm(total=len(rows), desc="teacher samples", disable=not progress, file=sys.stderr)
@@ -60,9 +67,9 @@ def sample_teacher(model, tokenizer, proxy, prompts: list[str], per_prompt: int,
         enc = [tokenizer(p, add_special_tokens=True).input_ids for p in rows[s:s + batch_size]]
         ids, mask, pos = (t.to(device) for t in left_pad(enc, pad))
         res = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen,
-                             logits_processor=processors(proxy), **(shared_prompt_cache(model, ids, mask, pos) or {}))
+                             logits_processor=procs, **(shared_prompt_cache(model, ids, mask, pos) or {}))
         width = ids.shape[1]
-        lp = torch.stack(res.scores, 1).float().log_softmax(-1)  # (batch, steps, vocab)
+        lp = (torch.stack(res.scores, 1).float() * temperature).log_softmax(-1)  # (batch, steps, vocab)
         for r, prompt_ids in enumerate(enc):
             cont = res.sequences[r, width:].tolist()
             n = cont.index(eos) + 1 if eos in cont else len(cont)

@@ -266,3 +266,41 @@ def test_augmented_prompts_never_include_test_prompts(lora, tmp_path, capsys, mo
     data = json.loads((tmp_path / "a" / "cast_distill.json").read_text())["data"]
     assert data["augmented"] == {"written": 3, "dropped_as_test_prompts": 1}
     assert data["prefixes"] == 4 and data["train_samples"] == 4 and data["k"] == 2
+
+
+def test_a_cooler_teacher_writes_likelier_text_and_keeps_its_own_targets():
+    """--temperature chooses the text only: the tokens drawn at 0.05 are likelier under the
+    teacher than those drawn at 1, and every position's targets are still the teacher's own
+    log-probabilities (temperature 1), as scoring the sample afresh through the proxy gives."""
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline.assemble import teacher
+    from pipeline.assemble.proxy import LogitProxy, processors
+
+    torch.manual_seed(0)
+    src, tgt = load_model("tiny-llama"), load_model("tiny-gemma3")
+    source = get_peft_model(src.model, LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"],
+                                                  init_lora_weights=False)).eval()
+    prompts = [e.prompt for e in load_task("capital", split="train", seed=0).train[:4]]
+
+    def draw(temperature):
+        proxy = LogitProxy(source, src.tokenizer, tgt.tokenizer)
+        return teacher.sample_teacher(tgt.model, tgt.tokenizer, proxy, prompts, 4, 8, top_k=8, batch_size=8,
+                                      progress=False, temperature=temperature)
+
+    def scored(x):  # the teacher's log-probabilities at each continuation position, computed afresh
+        with torch.no_grad():
+            for j in range(len(x.ids) - x.start):
+                prefix = torch.tensor([x.ids[:x.start + j]])
+                logits = tgt.model(input_ids=prefix).logits[:, -1].float()
+                yield processors(LogitProxy(source, src.tokenizer, tgt.tokenizer))(prefix, logits).log_softmax(-1)[0]
+
+    def written_lp(samples):  # mean teacher log-probability of the tokens it wrote
+        lps = [lp[x.ids[x.start + j]].item() for x in samples for j, lp in enumerate(scored(x))]
+        return sum(lps) / len(lps)
+
+    hot, cool = draw(1.0), draw(0.05)
+    assert written_lp(cool) > written_lp(hot) + 0.2
+    for x in cool[:4]:
+        for j, lp in enumerate(scored(x)):
+            assert torch.allclose(lp[x.top_ids[j].long()], x.top_lp[j], atol=1e-4)
