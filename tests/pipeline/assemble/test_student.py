@@ -295,12 +295,13 @@ def test_a_cooler_teacher_writes_likelier_text_and_keeps_its_own_targets():
                 logits = tgt.model(input_ids=prefix).logits[:, -1].float()
                 yield processors(LogitProxy(source, src.tokenizer, tgt.tokenizer))(prefix, logits).log_softmax(-1)[0]
 
-    def written_lp(samples):  # mean teacher log-probability of the tokens it wrote
-        lps = [lp[x.ids[x.start + j]].item() for x in samples for j, lp in enumerate(scored(x))]
+    def written_lp(samples, scores):  # mean teacher log-probability of the tokens it wrote
+        lps = [lp[x.ids[x.start + j]].item() for x, lp_x in zip(samples, scores) for j, lp in enumerate(lp_x)]
         return sum(lps) / len(lps)
 
     hot, cool = draw(1.0), draw(0.05)
-    assert written_lp(cool) > written_lp(hot) + 0.2
-    for x in cool[:4]:
-        for j, lp in enumerate(scored(x)):
+    hot_lp, cool_lp = [list(scored(x)) for x in hot], [list(scored(x)) for x in cool]  # each sample scored once
+    assert written_lp(cool, cool_lp) > written_lp(hot, hot_lp) + 0.2
+    for x, lp_x in zip(cool[:4], cool_lp):
+        for j, lp in enumerate(lp_x):
             assert torch.allclose(lp[x.top_ids[j].long()], x.top_lp[j], atol=1e-4)
