@@ -1,2 +1,7 @@
 """Assembly and validation: the bridge, the bridged artifact, the weight-space baseline
 and the report that compares them."""
+
+PLAUSIBLE = 0.1
+"""The logit proxy's default plausibility floor (LogitProxy's `plausible`): a token the
+source + LoRA gives less than this fraction of its top token's probability gets no rise
+from the LoRA (docs/results.md#the-proxys-eos-and-the-plausibility-floor)."""

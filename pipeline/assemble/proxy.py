@@ -3,11 +3,11 @@ log-probabilities added to its own logits, on the tokens both vocabularies spell
 (docs/design.md#the-logit-proxy).
 
     z_t(text) + [ log p_src+LoRA(. | text) - log p_src(. | text) ]   on shared tokens
-    z_t(text) + log( p_src+LoRA(rest | text) / p_src(rest | text) )   on every other target token
+    every other target token: the change of the source token its text begins with
+    (others="prefix", the default), or of the source's mass outside the shared tokens ("rest")
 
-`rest` is the source's mass outside the shared tokens: the LoRA's change is known token by
-token on the shared set and only in total outside it, so the target's own tokens move
-together by that total and the proxy stays one consistent distribution.
+A token the source + LoRA gives less than `plausible` times its top token's probability
+keeps its change only if the change is a fall.
 
 Both models read the same text; the source's change is taken at the end of that text, so
 the two tokenizers never need a common boundary inside it. Nothing here is fitted: the map
@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from pipeline.assemble import PLAUSIBLE
 from pipeline.lora.batching import left_pad
 from pipeline.lora.train import causal_lm_logits
 
@@ -201,9 +203,12 @@ class LogitProxy(LogitsProcessor):
     reference one pass is measured against)."""
 
     def __init__(self, source, src_tok, tgt_tok, batch_size: int = 32, others: str = "prefix",
-                 cache: bool = True, one_pass: bool = True):
+                 cache: bool = True, one_pass: bool = True, plausible: float = PLAUSIBLE):
         if others not in OTHERS:
             raise ProxyError(f"others={others!r}: choose one of {', '.join(OTHERS)}")
+        if not 0.0 <= plausible < 1.0:
+            raise ProxyError(f"plausible={plausible}: a fraction of the top token's probability, in [0, 1)")
+        self.plausible = plausible
         self.source, self.src_tok, self.tgt_tok = source, src_tok, tgt_tok
         maps = vocab_maps(src_tok, tgt_tok)
         self.ids_s, self.ids_t = maps["ids_s"], maps["ids_t"]
@@ -257,10 +262,20 @@ class LogitProxy(LogitsProcessor):
         return z
 
     def split(self, with_lora: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """delta()'s two parts from the source's log-probabilities with and without the LoRA."""
+        """delta()'s two parts from the source's log-probabilities with and without the LoRA.
+
+        With plausible = a > 0, a token the source + LoRA itself gives less than a times its
+        top token's probability gets no rise: a ratio between two negligible probabilities
+        says nothing about the target, whose own probability of the token may be far from
+        negligible (SmolLM2's LoRA raises its eos, <|im_end|>, from 4e-9 to 2e-6 after
+        "44+42=": a 650-fold rise that put Gemma's eos, at 2e-3 there, on top)."""
         rest = (with_lora[:, self.rest_s.to(with_lora.device)].logsumexp(-1)
                 - base[:, self.rest_s.to(base.device)].logsumexp(-1)) if len(self.rest_s) else base[:, 0] * 0
-        return with_lora - base, rest
+        d = with_lora - base
+        if self.plausible > 0:
+            low = with_lora < with_lora.max(-1, keepdim=True).values + math.log(self.plausible)
+            d = torch.where(low & (d > 0), torch.zeros_like(d), d)
+        return d, rest
 
     def shift(self, texts: list[str], vocab: int) -> torch.Tensor:
         """(len(texts), vocab) additive target logits (see place())."""

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.assemble import PLAUSIBLE
 from pipeline.assemble.distill import DistillConfig, distill
 from pipeline.assemble.packing import for_model, packed_batch, prompt_groups
 from pipeline.assemble.teacher import (Sample, batch_of, more_prompts, salient_prefixes, sample_teacher,
@@ -70,11 +71,18 @@ class StudentConfig:
     """Corpus segments scored for salience (each runs the source twice)."""
     prefixes: int = 48
     """Corpus prefixes kept (salient: the most salient; uniform: random)."""
+    mix_uniform: int = 0
+    """With --data salient: this many more prefixes cut at random from the corpus (--data uniform's), trained
+    beside the salient ones. Salient text ends where the LoRA acts, where it mostly says "stop"; random text shows
+    the student where the teacher goes on."""
     samples: int = 4
     """Continuations the teacher writes per prefix or prompt."""
     temperature: float = 1.0
     """Temperature the teacher's continuations are sampled at. It chooses only the text: the student is matched
     to the teacher's own distribution (temperature 1) at every position of it."""
+    plausible: float = PLAUSIBLE
+    """The teacher's plausibility floor: a token the source + LoRA gives less than this fraction of its top token's
+    probability gets no rise from the LoRA (see `cast transfer --help`)."""
     max_new_tokens: int = 24
     """Longest continuation, in target tokens (one ends earlier at eos)."""
     sample_batch: int = 8
@@ -129,6 +137,10 @@ class StudentConfig:
             raise DistillError("--prompts FILE goes with --data prompts (and --data prompts needs --prompts)")
         if self.augment and self.data != "prompts":
             raise DistillError("--augment writes more prompts like those of --prompts: it goes with --data prompts")
+        if self.mix_uniform and self.data != "salient":
+            raise DistillError("--mix-uniform adds random prefixes to salient ones: it goes with --data salient")
+        if self.mix_uniform < 0:
+            raise DistillError(f"--mix-uniform {self.mix_uniform}: must be 0 or more")
         if self.augment < 0:
             raise DistillError(f"--augment {self.augment}: must be 0 or more")
         for name in ("candidates", "prefixes", "samples", "max_new_tokens", "sample_batch", "top_k", "rank", "steps",
@@ -137,6 +149,8 @@ class StudentConfig:
                 raise DistillError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be 1 or more")
         if not self.temperature > 0:
             raise DistillError(f"--temperature {self.temperature}: must be above 0 (1 samples the teacher as it is)")
+        if not 0 <= self.plausible < 1:
+            raise DistillError(f"--plausible {self.plausible}: a fraction of the top token's probability, in [0, 1)")
         if not 0 <= self.heldout < 1:
             raise DistillError(f"--heldout {self.heldout}: a fraction in [0, 1)")
         if self.precision not in PRECISIONS:
@@ -259,7 +273,7 @@ def run_distill(cfg: StudentConfig, progress: bool = True) -> dict:
                            f"train it with `cast lora train`")
     src, tgt = load_model(src_name, device=cfg.device), load_model(cfg.target, device=cfg.device)
     source = load_adapter(src.model, cfg.adapter)
-    proxy = LogitProxy(source, src.tokenizer, tgt.tokenizer)
+    proxy = LogitProxy(source, src.tokenizer, tgt.tokenizer, plausible=cfg.plausible)
     work = _work_dir(out)
     work.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "threads", "device", "force", "steps",
@@ -288,6 +302,9 @@ def run_distill(cfg: StudentConfig, progress: bool = True) -> dict:
                 starts, salience, median = salient_prefixes(source, src.tokenizer, texts, cfg.prefixes, progress=progress)
             else:
                 starts = uniform_prefixes(texts, cfg.prefixes, cfg.seed)
+            if cfg.mix_uniform:
+                starts = starts + uniform_prefixes(texts or corpus_texts(cfg.corpus, cfg.candidates), cfg.mix_uniform,
+                                                   cfg.seed)
         g = torch.Generator().manual_seed(cfg.seed)
         order = torch.randperm(len(starts), generator=g).tolist()
         n_held = int(round(cfg.heldout * len(starts)))
@@ -295,6 +312,7 @@ def run_distill(cfg: StudentConfig, progress: bool = True) -> dict:
         samples = sample_teacher(tgt.model, tgt.tokenizer, proxy, starts, cfg.samples, cfg.max_new_tokens,
                                  cfg.top_k, cfg.seed, cfg.sample_batch, progress, cfg.temperature)
         smeta = {"key": key, "starts": None, "prefixes": len(starts), "heldout_prefixes": n_held,
+                 "uniform_prefixes_mixed_in": cfg.mix_uniform,
                  "examples": starts[:3], "salience": salience[:5] if salience else None,
                  "salience_median_of_candidates": median, "augmented": augmented,
                  "salience_from": ("store " + str(cfg.store)) if cfg.store else ("kl" if salience else None),
@@ -335,7 +353,8 @@ def run_distill(cfg: StudentConfig, progress: bool = True) -> dict:
                        "adapter_sha256": sha256_file(Path(cfg.adapter) / "adapter_model.safetensors"),
                        "task": (meta or {}).get("task")},
             "target": asdict(tgt.info),
-            "teacher": {"kind": "logit proxy", "shared_tokens": len(proxy.ids_t), "others": proxy.others},
+            "teacher": {"kind": "logit proxy", "shared_tokens": len(proxy.ids_t), "others": proxy.others,
+                        "plausible": proxy.plausible},
             "data": {"regime": cfg.data, "prompts_file": cfg.prompts,
                      "prompts_sha256": sha256_file(cfg.prompts) if cfg.prompts else None,
                      "k": len(prompts) if prompts else 0, **{k: v for k, v in smeta.items() if k not in ("key", "starts")},

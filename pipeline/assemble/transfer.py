@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from heads.headset import INDEX, HeadSet, load_heads
+from pipeline.assemble import PLAUSIBLE
 from pipeline.assemble.bridge import (CARRY, FIRST_TOKEN, BridgeError, SiteBridge, assign_layers, attach,
                                       check_choice, read_lora)
 from pipeline.cache.hooks import IN_SITE, out_site
@@ -48,6 +49,10 @@ class TransferConfig:
     """--kind proxy: what the target tokens without a byte-identical source token get. prefix (default): the change
     of the source token their text begins with; rest: the change of the source's mass outside the shared tokens;
     none: nothing (docs/results.md#the-proxy-before-and-after-review)."""
+    plausible: float = PLAUSIBLE
+    """--kind proxy: a token the source + LoRA gives less than this fraction of its top token's probability gets
+    no rise from the LoRA (0: every change is copied, the proxy before). A ratio of two negligible probabilities
+    is no evidence about the target's own probability of the token (docs/design.md#the-logit-proxy)."""
     carry: str = "all"
     """'all': every source LoRA layer is applied at the target layer whose mapped source layer is
     nearest; 'mapped': only the source layer chosen for each target layer."""
@@ -138,7 +143,7 @@ def run_proxy(cfg: TransferConfig, adapters: list[str], weights: list[float], ou
     entries = [{"dir": "adapters/0", "origin": str(adapters[0]), "weight": 1.0, "modules": lw.modules,
                 "assignment": {}}]
     manifest = {"kind": PROXY_KIND, "version": 1, "source": source, "target": target, "head_kind": "proxy",
-                "others": cfg.others, "adapters": entries}
+                "others": cfg.others, "plausible": cfg.plausible, "adapters": entries}
     with atomic_path(out) as staged:
         staged.mkdir()
         copy_to_local(adapters[0], staged / "adapters" / "0")
@@ -161,6 +166,8 @@ def run_transfer(cfg: TransferConfig) -> dict:
 
         if cfg.others not in OTHERS:
             raise BridgeError(f"--others {cfg.others}: choose one of {', '.join(OTHERS)}")
+        if not 0 <= cfg.plausible < 1:
+            raise BridgeError(f"--plausible {cfg.plausible}: a fraction of the top token's probability, in [0, 1)")
         return run_proxy(cfg, adapters, weights, out)
     if not cfg.heads:
         raise BridgeError(f"--kind {cfg.kind} needs --heads (a head set from `cast train-heads`)")
@@ -254,7 +261,8 @@ def load_bridged(path: str | Path, device: str | None = None, model: str | None 
 
         src = load_model(manifest["source"]["model"], device=device)
         lm.proxy = LogitProxy(load_adapter(src.model, path / manifest["adapters"][0]["dir"]),
-                              src.tokenizer, lm.tokenizer, others=manifest.get("others", "prefix"))
+                              src.tokenizer, lm.tokenizer, others=manifest.get("others", "prefix"),
+                              plausible=manifest.get("plausible", 0.0))  # artifacts made before the rule: none
         lm.logits_processor = processors(lm.proxy)
         return lm
     attach(lm.model, build_bridges(path, manifest, lm.device), manifest.get("first_token", "bridge"))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from heads.headset import load_heads
+from pipeline.assemble import PLAUSIBLE
 from pipeline.assemble.bridge import CARRY, FIRST_TOKEN, BridgeError, check_choice, read_lora
 from pipeline.assemble.report import write_report
 from pipeline.assemble.scoring import OFFTASK_LEN, heldout_ids, score_system
@@ -40,6 +41,9 @@ class ValidateConfig:
     proxy_others: str = "prefix"
     """The proxy row's rule for target tokens without a byte-identical source token: prefix, rest or none
     (see `cast transfer --help`)."""
+    proxy_plausible: float = PLAUSIBLE
+    """The proxy row's plausibility floor: a token the source + LoRA gives less than this fraction of its top
+    token's probability gets no rise (see `cast transfer --help`)."""
     task: str | None = None
     """Built-in task name; default: the task the adapter was trained on."""
     task_file: str | None = None
@@ -137,6 +141,7 @@ class Run:
             path = self.out / f"bridged-{kind}"
             run_transfer(TransferConfig(adapter=self.cfg.adapter, heads=self.cfg.heads, target=self.names["target"],
                                         out=str(path), kind=kind, others=self.cfg.proxy_others,
+                                        plausible=self.cfg.proxy_plausible,
                                         carry=self.cfg.carry, force=True,
                                         first_token=self.cfg.first_token if kind != "proxy" else "bridge"))
             self.made[kind] = path

@@ -98,7 +98,8 @@ def test_the_shift_is_the_change_of_the_paired_source_token(pair):
     # lone byte C3, and four spaces with one (the test tokenizer has no merges); <unk> is special.
     starts = {"Ã": "Ã", "▁▁▁▁": "Ġ", "<0x41>": "A"}  # and the byte token A spells what "A" does
     for others in ("prefix", "rest", "none"):
-        z = LogitProxy(_Source(with_lora, base), src, tgt, others=others).shift(["12 £"], len(SENTENCEPIECE))[0]
+        z = LogitProxy(_Source(with_lora, base), src, tgt, others=others, plausible=0.0).shift(
+            ["12 £"], len(SENTENCEPIECE))[0]
         for i, t in enumerate(SENTENCEPIECE):
             partner = next((s for s, u in EXPECTED.items() if u == t), None)
             if partner:
@@ -110,6 +111,30 @@ def test_the_shift_is_the_change_of_the_paired_source_token(pair):
             assert z[i].item() == pytest.approx(want, abs=1e-5), (others, t)
     with pytest.raises(ProxyError, match="empty"):
         LogitProxy(_Source(with_lora, base), src, tgt).shift([""], len(SENTENCEPIECE))
+
+
+def test_a_token_the_lora_leaves_implausible_gets_no_rise(pair):
+    src, tgt = pair
+    with_lora = torch.tensor([0.0, 1.0, 2.0, 0.5, -1.0, 0.0, 3.0, 1.0, 0.0, 2.0, 1.5, -0.5, 0.0])
+    base = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 2.0, 0.5, 0.0, 0.0, 0.0, 1.0]) + 4 * (with_lora < 0)
+    lp_l, lp_b = with_lora.log_softmax(-1), base.log_softmax(-1)
+    alpha = 0.3  # the LoRA's top token is index 6; below 0.3 of it: every index but 2, 6 and 9
+    low = lp_l < lp_l.max() + math.log(alpha)
+    loose = LogitProxy(_Source(with_lora, base), src, tgt, others="none", plausible=0.0)
+    strict = LogitProxy(_Source(with_lora, base), src, tgt, others="none", plausible=alpha)
+    (d0, _), (d1, _) = loose.delta(["12 £"]), strict.delta(["12 £"])
+    change = (lp_l - lp_b)
+    rises, falls = low & (change > 0), low & (change < 0)
+    assert rises.any() and falls.any() and (~low).any()  # the test covers all three cases
+    assert torch.allclose(d0[0], change, atol=1e-5)
+    assert (d1[0][rises] == 0).all()                                        # no rise from a negligible probability
+    assert torch.allclose(d1[0][~rises], change[~rises], atol=1e-5)        # falls and plausible tokens: as before
+    z = strict.shift(["12 £"], len(SENTENCEPIECE))[0]
+    for a, b in zip(*shared_vocab(src, tgt)):
+        assert z[b].item() == pytest.approx(d1[0][a].item(), abs=1e-5)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ProxyError, match="plausible"):
+            LogitProxy(_Source(with_lora, base), src, tgt, plausible=bad)
 
 
 def cached_or_tiny() -> tuple[str, str]:

@@ -192,6 +192,19 @@ def test_salient_prefixes_are_where_the_lora_acts_most(lora, corpus_dir, tmp_pat
     assert kl == sorted(kl, reverse=True) and kl[-1] > data["salience_median_of_candidates"] > 0
 
 
+def test_random_prefixes_mixed_into_salient_ones(lora, corpus_dir, tmp_path, capsys):
+    code, _, _ = run(capsys, "distill", "--adapter", lora, "--target", "tiny-llama", "--corpus", corpus_dir,
+                     "--candidates", "10", "--prefixes", "2", "--mix-uniform", "3", "--samples", "1", "--steps", "2",
+                     "--out", tmp_path / "s", "--quiet")
+    assert code == 0
+    data = json.loads((tmp_path / "s" / "cast_distill.json").read_text())["data"]
+    assert data["prefixes"] == 5 and data["uniform_prefixes_mixed_in"] == 3
+    assert data["train_samples"] + data["heldout_samples"] == 5
+    code, _, err = run(capsys, "distill", "--adapter", lora, "--target", "tiny-llama", "--data", "uniform",
+                       "--mix-uniform", "3", "--out", tmp_path / "u")
+    assert code == 2 and "--mix-uniform adds random prefixes to salient ones" in err
+
+
 def test_salience_read_from_the_store_is_what_the_lora_adds(lora, corpus_dir, tmp_path, capsys):
     from pipeline.assemble.teacher import stored_prefixes
 
