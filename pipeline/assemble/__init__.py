@@ -1,6 +1,9 @@
 """Assembly and validation: the bridge, the bridged artifact, the weight-space baseline
 and the report that compares them."""
 
+OTHERS = ("prefix", "rest", "none")
+"""The logit proxy's rules for target tokens without a byte-identical source token (LogitProxy's `others`)."""
+
 PLAUSIBLE = 0.1
 """The logit proxy's default plausibility floor (LogitProxy's `plausible`): a token the
 source + LoRA gives less than this fraction of its top token's probability gets no rise

@@ -25,7 +25,7 @@ import re
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from pipeline.assemble import PLAUSIBLE
+from pipeline.assemble import OTHERS, PLAUSIBLE
 from pipeline.lora.batching import left_pad
 from pipeline.lora.train import causal_lm_logits
 
@@ -185,7 +185,6 @@ def vocab_maps(src_tok, tgt_tok) -> dict[str, torch.Tensor]:
     return maps
 
 
-OTHERS = ("prefix", "rest", "none")
 
 
 class LogitProxy(LogitsProcessor):

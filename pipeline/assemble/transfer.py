@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from heads.headset import INDEX, HeadSet, load_heads
-from pipeline.assemble import PLAUSIBLE
+from pipeline.assemble import OTHERS, PLAUSIBLE
 from pipeline.assemble.bridge import (CARRY, FIRST_TOKEN, BridgeError, SiteBridge, assign_layers, attach,
                                       check_choice, read_lora)
 from pipeline.cache.hooks import IN_SITE, out_site
@@ -162,8 +162,6 @@ def run_transfer(cfg: TransferConfig) -> dict:
     if cfg.kind not in ("mlp", "ridge", "proxy"):
         raise BridgeError(f"--kind {cfg.kind}: choose mlp, ridge or proxy")
     if cfg.kind == "proxy":
-        from pipeline.assemble.proxy import OTHERS
-
         if cfg.others not in OTHERS:
             raise BridgeError(f"--others {cfg.others}: choose one of {', '.join(OTHERS)}")
         if not 0 <= cfg.plausible < 1:

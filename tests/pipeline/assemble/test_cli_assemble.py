@@ -205,6 +205,9 @@ def test_validate_refuses_before_decoding(made, tmp_path, capsys):
     assert "--task-file gives only a test split: pass --retrained" in refused(made["lora"], made["heads"],
                                                                              "--task-file", tests)
 
+    assert "--proxy-plausible 1.0: a fraction" in refused(made["lora"], made["heads"], "--proxy-plausible", 1)
+    assert "--proxy-others 'all': choose" in refused(made["lora"], made["heads"], "--proxy-others", "all")
+
     ridge_only = identity_heads(tmp_path / "ridge", "tiny-llama", "ridge", sites_for(["q_proj", "v_proj"]))
     assert "no mlp heads for: encoder attn_in" in refused(made["lora"], ridge_only)
 
