@@ -25,7 +25,7 @@ import re
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from pipeline.assemble import OTHERS, PLAUSIBLE
+from pipeline.assemble import OTHERS, PLAUSIBLE, check_plausible
 from pipeline.lora.batching import left_pad
 from pipeline.lora.train import causal_lm_logits
 
@@ -205,8 +205,7 @@ class LogitProxy(LogitsProcessor):
                  cache: bool = True, one_pass: bool = True, plausible: float = PLAUSIBLE):
         if others not in OTHERS:
             raise ProxyError(f"others={others!r}: choose one of {', '.join(OTHERS)}")
-        if not 0.0 <= plausible < 1.0:
-            raise ProxyError(f"plausible={plausible}: a fraction of the top token's probability, in [0, 1)")
+        check_plausible("plausible", plausible, ProxyError)
         self.plausible = plausible
         self.source, self.src_tok, self.tgt_tok = source, src_tok, tgt_tok
         maps = vocab_maps(src_tok, tgt_tok)

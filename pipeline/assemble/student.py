@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.assemble import PLAUSIBLE
+from pipeline.assemble import PLAUSIBLE, check_plausible
 from pipeline.assemble.distill import DistillConfig, distill
 from pipeline.assemble.packing import for_model, packed_batch, prompt_groups
 from pipeline.assemble.teacher import (Sample, batch_of, more_prompts, salient_prefixes, sample_teacher,
@@ -149,8 +149,7 @@ class StudentConfig:
                 raise DistillError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be 1 or more")
         if not self.temperature > 0:
             raise DistillError(f"--temperature {self.temperature}: must be above 0 (1 samples the teacher as it is)")
-        if not 0 <= self.plausible < 1:
-            raise DistillError(f"--plausible {self.plausible}: a fraction of the top token's probability, in [0, 1)")
+        check_plausible("--plausible", self.plausible, DistillError)
         if not 0 <= self.heldout < 1:
             raise DistillError(f"--heldout {self.heldout}: a fraction in [0, 1)")
         if self.precision not in PRECISIONS:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from heads.headset import INDEX, HeadSet, load_heads
-from pipeline.assemble import OTHERS, PLAUSIBLE
+from pipeline.assemble import OTHERS, PLAUSIBLE, check_plausible
 from pipeline.assemble.bridge import (CARRY, FIRST_TOKEN, BridgeError, SiteBridge, assign_layers, attach,
                                       check_choice, read_lora)
 from pipeline.cache.hooks import IN_SITE, out_site
@@ -164,8 +164,7 @@ def run_transfer(cfg: TransferConfig) -> dict:
     if cfg.kind == "proxy":
         if cfg.others not in OTHERS:
             raise BridgeError(f"--others {cfg.others}: choose one of {', '.join(OTHERS)}")
-        if not 0 <= cfg.plausible < 1:
-            raise BridgeError(f"--plausible {cfg.plausible}: a fraction of the top token's probability, in [0, 1)")
+        check_plausible("--plausible", cfg.plausible, BridgeError)
         return run_proxy(cfg, adapters, weights, out)
     if not cfg.heads:
         raise BridgeError(f"--kind {cfg.kind} needs --heads (a head set from `cast train-heads`)")

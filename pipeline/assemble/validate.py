@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from heads.headset import load_heads
-from pipeline.assemble import OTHERS, PLAUSIBLE
+from pipeline.assemble import OTHERS, PLAUSIBLE, check_plausible
 from pipeline.assemble.bridge import CARRY, FIRST_TOKEN, BridgeError, check_choice, read_lora
 from pipeline.assemble.report import write_report
 from pipeline.assemble.scoring import OFFTASK_LEN, heldout_ids, score_system
@@ -86,9 +86,7 @@ class ValidateConfig:
         check_choice("carry", self.carry, CARRY)
         check_choice("first-token", self.first_token, FIRST_TOKEN)
         check_choice("proxy-others", self.proxy_others, OTHERS)
-        if not 0 <= self.proxy_plausible < 1:
-            raise ValueError(f"--proxy-plausible {self.proxy_plausible}: a fraction of the top token's probability, "
-                             f"in [0, 1)")
+        check_plausible("--proxy-plausible", self.proxy_plausible)
         for name, low in (("limit", 1), ("batch_size", 1), ("n_boot", 1), ("offtask_sequences", 0)):
             if getattr(self, name) < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
