@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.assemble.teacher import Sample
+from pipeline.assemble.teacher import Along, Sample
 
 
 def prompt_groups(samples: list[Sample]) -> list[list[int]]:
@@ -30,11 +30,15 @@ def prompt_groups(samples: list[Sample]) -> list[list[int]]:
     return list(groups.values())
 
 
-def packed_batch(groups: list[list[Sample]], pad_id: int) -> tuple[dict, tuple, tuple]:
+def packed_batch(groups: list[list[Sample]], pad_id: int, along: list[Along] | None = None,
+                 weight: float = 0.0) -> tuple[dict, tuple, tuple]:
     """Model inputs for one row per group (input_ids, position_ids and a boolean
     (rows, 1, width, width) mask, True where a query may attend a key), the selected
-    (row, column) positions in sample order, and the teacher's top-k there (for sparse_kl)."""
-    rows, picks = [], []
+    (row, column) positions in sample order, and the teacher's top-k there (for sparse_kl).
+    With `along` (one per group: the teacher at the prompt's own tokens, teacher_along), those
+    positions follow the continuations' and the targets gain a weight per position: the
+    continuations' mean plus `weight` times the prompts' mean."""
+    rows, picks, more = [], [], []
     for r, group in enumerate(groups):
         start = group[0].start
         ids, pos, seg = list(group[0].ids[:start]), list(range(start)), [0] * start
@@ -45,6 +49,7 @@ def packed_batch(groups: list[list[Sample]], pad_id: int) -> tuple[dict, tuple, 
             ids += cont
             pos += range(start, start + len(cont))
             seg += [j] * len(cont)
+        more += [(r, c) for c in (along[r].cols if along else [])]  # the prompt's columns: same in every row layout
         rows.append((ids, pos, seg))
     width = max(len(ids) for ids, _, _ in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -60,9 +65,13 @@ def packed_batch(groups: list[list[Sample]], pad_id: int) -> tuple[dict, tuple, 
     # A key is visible from a query at or after it in the same continuation, or in the prompt;
     # padding (after every real token) sees what precedes it, so no softmax row is empty.
     mask = causal & ((k == 0) | (k == q) | (q == -1))
-    rows_idx, cols_idx = (torch.tensor(v) for v in zip(*picks))
+    rows_idx, cols_idx = (torch.tensor(v) for v in zip(*picks + more))
     samples = [x for group in groups for x in group]
     targets = (torch.cat([x.top_ids for x in samples]), torch.cat([x.top_lp for x in samples]))
+    if along:
+        w = torch.cat([torch.full((len(picks),), 1 / len(picks)), torch.full((len(more),), weight / max(1, len(more)))])
+        targets = (torch.cat([targets[0], *(a.top_ids for a in along)]),
+                   torch.cat([targets[1], *(a.top_lp for a in along)]), w)
     return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask[:, None]}, \
         (rows_idx, cols_idx), targets
 

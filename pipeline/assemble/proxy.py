@@ -279,6 +279,26 @@ class LogitProxy(LogitsProcessor):
         """(len(texts), vocab) additive target logits (see place())."""
         return self.place(*self.delta(texts), vocab)
 
+    @torch.no_grad()
+    def shift_along(self, texts: list[str], vocab: int) -> tuple[list[int], torch.Tensor]:
+        """shift() for texts that each begin the last one (a text read token by token), from one
+        source pass with and one without the LoRA over the last: the indices of the texts kept and
+        their (kept, vocab) shifts. A text is kept where the source reads it as the first tokens of
+        the last one; one that ends inside a token the source reads whole (mid-word for the
+        source, not for the target) is left out, its source reading being another text's."""
+        enc = self._encode(texts)
+        keep = [i for i, e in enumerate(enc) if enc[-1][:len(e)] == e]
+        at, rows = torch.tensor([len(enc[i]) - 1 for i in keep]).unique(return_inverse=True)  # sorted positions
+        device = next(self.source.parameters()).device
+        ids = torch.tensor([enc[-1]], device=device)
+        select = torch.zeros_like(ids, dtype=torch.bool)
+        select[0, at] = True
+        with_lora = causal_lm_logits(self.source, select, input_ids=ids).float().log_softmax(-1)
+        with self.source.disable_adapter():
+            base = causal_lm_logits(self.source, select, input_ids=ids).float().log_softmax(-1)
+        d, r = self.split(with_lora[rows], base[rows])
+        return keep, self.place(d, r, vocab)
+
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """transformers LogitsProcessor: the target's text so far, decoded, is what the source
         reads. With cache=True (the default) the source keeps its KV caches across the steps

@@ -22,15 +22,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from pipeline.assemble import PLAUSIBLE, check_plausible
 from pipeline.assemble.distill import DistillConfig, distill
 from pipeline.assemble.packing import for_model, packed_batch, prompt_groups
 from pipeline.assemble.teacher import (Sample, batch_of, more_prompts, salient_prefixes, sample_teacher,
-                                       sparse_kl, stored_prefixes, uniform_prefixes)
+                                       sparse_kl, stored_prefixes, teacher_along, uniform_prefixes)
+from pipeline.assemble.teacher_files import along_kept, load_samples, save_samples
 from pipeline.lora.precision import PRECISIONS, frozen_base_in, resolve_precision
-from storage.files import atomic_path, atomic_write_text, sha256_bytes, sha256_file
+from storage.files import atomic_path, sha256_bytes, sha256_file
 
 DISTILL_FILE = "cast_distill.json"
 REGIMES = ("salient", "uniform", "prompts")
@@ -75,6 +75,14 @@ class StudentConfig:
     """With --data salient: this many more prefixes cut at random from the corpus (--data uniform's), trained
     beside the salient ones. Salient text ends where the LoRA acts, where it mostly says "stop"; random text shows
     the student where the teacher goes on."""
+    prompt_weight: float = 0.0
+    """Also train on the teacher's distribution at every token of the prompts themselves (read teacher-forced,
+    where the teacher goes on with the text), at this weight beside the continuations' (the loss is the
+    continuations' mean KL plus this times the prompts'). Salient text ends where the LoRA acts, mostly saying
+    "stop", so the continuations alone are short and a third of their positions are eos. Needs --pack."""
+    prompt_positions: int = 0
+    """With --prompt-weight: this many of each prompt's positions enter a step's loss, drawn at random every step
+    (0: all of them, about 40 a corpus prefix). Each costs the target's output layer (262k rows on Gemma-3)."""
     samples: int = 4
     """Continuations the teacher writes per prefix or prompt."""
     temperature: float = 1.0
@@ -141,6 +149,10 @@ class StudentConfig:
             raise DistillError("--mix-uniform adds random prefixes to salient ones: it goes with --data salient")
         if self.mix_uniform < 0:
             raise DistillError(f"--mix-uniform {self.mix_uniform}: must be 0 or more")
+        if self.prompt_weight < 0 or (self.prompt_weight and not self.pack):
+            raise DistillError(f"--prompt-weight {self.prompt_weight}: must be 0 or more, and above 0 only with --pack")
+        if self.prompt_positions < 0:
+            raise DistillError(f"--prompt-positions {self.prompt_positions}: must be 0 (all) or more")
         if self.augment < 0:
             raise DistillError(f"--augment {self.augment}: must be 0 or more")
         for name in ("candidates", "prefixes", "samples", "max_new_tokens", "sample_batch", "top_k", "rank", "steps",
@@ -210,26 +222,6 @@ def _work_dir(out: Path) -> Path:
     return out.parent / f".tmp-{out.name}-distill"
 
 
-def _save_samples(path: Path, samples: list[Sample], meta: dict) -> None:
-    tensors = {}
-    for i, x in enumerate(samples):
-        tensors |= {f"{i}.ids": torch.tensor(x.ids), f"{i}.top_ids": x.top_ids, f"{i}.top_lp": x.top_lp}
-    with atomic_path(path / "samples.safetensors") as tmp:
-        save_file(tensors, str(tmp))
-    atomic_write_text(path / "samples.json", json.dumps(meta | {"starts": [x.start for x in samples]}))
-
-
-def _load_samples(path: Path, key: str) -> tuple[list[Sample], dict] | None:
-    if not (path / "samples.json").is_file():
-        return None
-    meta = json.loads((path / "samples.json").read_text())
-    if meta.get("key") != key:
-        return None
-    t = load_file(str(path / "samples.safetensors"))
-    return [Sample(t[f"{i}.ids"].tolist(), s, t[f"{i}.top_ids"], t[f"{i}.top_lp"])
-            for i, s in enumerate(meta["starts"])], meta
-
-
 @torch.no_grad()
 def fidelity(model, samples: list[Sample], pad: int, batch_size: int) -> dict | None:
     """KL(teacher || model) per position (top-k + rest buckets) and top-1 agreement on samples."""
@@ -277,10 +269,10 @@ def run_distill(cfg: StudentConfig, progress: bool = True) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "threads", "device", "force", "steps",
                                                                    "batch_size", "lr", "targets", "rank", "precision",
-                                                                   "pack")}
+                                                                   "pack", "prompt_weight")}
     key = sha256_bytes(sha256_file(Path(cfg.adapter) / "adapter_model.safetensors"), tgt.info.weights_hash,
                        json.dumps(settings, sort_keys=True), json.dumps(prompts))
-    loaded = _load_samples(work, key)
+    loaded = load_samples(work, key)
     if loaded:
         samples, smeta = loaded
         print(f"[cast] distill: {len(samples)} teacher samples from {work}", file=sys.stderr)
@@ -316,17 +308,19 @@ def run_distill(cfg: StudentConfig, progress: bool = True) -> dict:
                  "salience_median_of_candidates": median, "augmented": augmented,
                  "salience_from": ("store " + str(cfg.store)) if cfg.store else ("kl" if salience else None),
                  "sampling_seconds": round(time.perf_counter() - t0, 1)}
-        _save_samples(work, samples, smeta)
+        save_samples(work, samples, smeta)
     n_held = smeta["heldout_prefixes"] * cfg.samples
     held, train = samples[:n_held], samples[n_held:]
     if not train:
         raise DistillError(f"no training samples: --heldout {cfg.heldout} holds out all {smeta['prefixes']} prefixes")
     pad = tgt.tokenizer.pad_token_id if tgt.tokenizer.pad_token_id is not None else tgt.tokenizer.eos_token_id
+    units = prompt_groups(train) if cfg.pack else [[i] for i in range(len(train))]
+    along = along_kept(work, key, lambda: teacher_along(tgt.model, tgt.tokenizer, proxy, [
+        train[u[0]].ids[:train[u[0]].start] for u in units], cfg.top_k, progress)) if cfg.prompt_weight else None
     student = get_peft_model(tgt.model, LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, lora_dropout=0.0,
                                                    target_modules=parse_targets(cfg.targets), task_type="CAUSAL_LM"))
     at_start = fidelity(student, held, pad, cfg.batch_size)
 
-    units = prompt_groups(train) if cfg.pack else [[i] for i in range(len(train))]
     per_step = max(1, cfg.batch_size // cfg.samples) if cfg.pack else cfg.batch_size
 
     def draw(step: int):  # reshuffled epochs; a step's rows depend on (seed, step) alone
@@ -337,14 +331,18 @@ def run_distill(cfg: StudentConfig, progress: bool = True) -> dict:
                 cfg.seed * 100_003 + epoch))[i]))
         if not cfg.pack:
             return batch_of([train[units[j][0]] for j in rows], pad)
-        inputs, select, target = packed_batch([[train[i] for i in units[j]] for j in rows], pad)
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        inputs, select, target = packed_batch([[train[i] for i in units[j]] for j in rows], pad,
+                                              [along[j].some(cfg.prompt_positions, g) for j in rows] if along else None,
+                                              cfg.prompt_weight)
         return for_model(inputs, student), select, target
 
     dcfg = DistillConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
                          checkpoint_every=25, threads=cfg.threads)
     fmt = resolve_precision(cfg.precision, tgt.device)
     with frozen_base_in(student, fmt):
-        run = distill(student, None, None, dcfg, work / "ckpt", key=key + cfg.targets + str(cfg.rank) + fmt + "packed" * cfg.pack,
+        run = distill(student, None, None, dcfg, work / "ckpt", key=key + cfg.targets + str(cfg.rank) + fmt + "packed" * cfg.pack
+                      + (f"along{cfg.prompt_weight},{cfg.prompt_positions}" if along else ""),
                       loss_fn=lambda s, t: sparse_kl(s, *(x.to(s.device) for x in t)), progress=progress, draw=draw)
     at_end = fidelity(student, held, pad, cfg.batch_size)
     info = {"kind": "cast-distilled-lora", "version": 1,
@@ -358,7 +356,8 @@ def run_distill(cfg: StudentConfig, progress: bool = True) -> dict:
                      "prompts_sha256": sha256_file(cfg.prompts) if cfg.prompts else None,
                      "k": len(prompts) if prompts else 0, **{k: v for k, v in smeta.items() if k not in ("key", "starts")},
                      "train_samples": len(train), "heldout_samples": len(held),
-                     "train_tokens": sum(len(x.ids) - x.start for x in train)},
+                     "train_tokens": sum(len(x.ids) - x.start for x in train),
+                     "prompt_weight": cfg.prompt_weight, "prompt_positions": sum(len(a.cols) for a in along or [])},
             "student": {"targets": cfg.targets, "rank": cfg.rank, "alpha": 2 * cfg.rank, "trained_in": fmt,
                         "packed": cfg.pack},
             "config": asdict(cfg),

@@ -81,6 +81,59 @@ def sample_teacher(model, tokenizer, proxy, prompts: list[str], per_prompt: int,
     return out
 
 
+@dataclass
+class Along:
+    """The teacher's distribution at a prompt's own tokens, read teacher-forced (the prompt is
+    the text the teacher continues; here it predicts the prompt's next token at each place)."""
+
+    cols: list[int]
+    """Columns of the prompt's ids whose next token is predicted: those after some text (the proxy reads
+    the text decoded so far) that the source reads as the first tokens of the whole prompt (LogitProxy.shift_along)."""
+    top_ids: torch.Tensor
+    """(len(cols), k) the teacher's k likeliest next tokens there."""
+    top_lp: torch.Tensor
+    """(len(cols), k) their log-probabilities under the teacher."""
+
+    def some(self, n: int, generator: torch.Generator) -> "Along":
+        """n of its columns drawn at random (all of them when n is 0 or at least their number), in order."""
+        if not 0 < n < len(self.cols):
+            return self
+        i = torch.randperm(len(self.cols), generator=generator)[:n].sort().values
+        return Along([self.cols[j] for j in i.tolist()], self.top_ids[i], self.top_lp[i])
+
+
+@torch.no_grad()
+def teacher_along(model, tokenizer, proxy, prompts: list[list[int]], top_k: int = 64,
+                  progress: bool = True) -> list[Along]:
+    """For each prompt (target ids, with the tokenizer's specials), the teacher at its columns
+    but the last (which predicts the continuation, sample_teacher's first position): the
+    target's logits there plus the proxy's shift for the text decoded up to it, what the
+    proxy adds when the target generates that text. One target pass and two source passes a
+    prompt (re-reading every prefix would take 45 times that); columns where the source would
+    read the text so far otherwise than as the start of the whole are left out."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    out = []
+    for ids in tqdm(prompts, desc="teacher along prompts", disable=not progress, file=sys.stderr):
+        texts = [tokenizer.decode(ids[:c + 1], skip_special_tokens=True) for c in range(len(ids) - 1)]
+        cols = [c for c, t in enumerate(texts) if t]
+        if cols:
+            kept, shift = proxy.shift_along([texts[c] for c in cols], model.get_output_embeddings().weight.shape[0])
+            cols = [cols[i] for i in kept]
+        if not cols:
+            out.append(Along([], torch.zeros(0, top_k, dtype=torch.int32), torch.zeros(0, top_k)))
+            continue
+        x = torch.tensor([ids[:-1]], device=device)
+        select = torch.zeros_like(x, dtype=torch.bool)
+        select[0, cols] = True
+        z = causal_lm_logits(model, select, input_ids=x).float()  # (len(cols), vocab)
+        lp = (z + shift.to(z.device)).log_softmax(-1)
+        top = lp.topk(top_k, -1)
+        out.append(Along(cols, top.indices.cpu().to(torch.int32), top.values.cpu()))
+    return out
+
+
 @torch.no_grad()
 def shared_prompt_cache(model, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor):
     """The target's KV cache of every left-padded row (left_pad's ids, mask, positions) but its
@@ -249,15 +302,17 @@ def uniform_prefixes(texts: list[str], n: int, seed: int, context_chars: int = 2
     return [p for p in out if p.strip()]
 
 
-def sparse_kl(student_logits: torch.Tensor, top_ids: torch.Tensor, top_lp: torch.Tensor) -> torch.Tensor:
+def sparse_kl(student_logits: torch.Tensor, top_ids: torch.Tensor, top_lp: torch.Tensor,
+              weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over positions of KL(teacher || student) on the teacher's top-k tokens plus one
-    bucket for the rest of the vocabulary: exact for the distributions coarsened that way."""
+    bucket for the rest of the vocabulary: exact for the distributions coarsened that way.
+    With `weight` (one per position), the weighted sum instead of the mean."""
     s = student_logits.log_softmax(-1)
     s_top = s.gather(-1, top_ids.long())
     t_rest = torch.log1p(-top_lp.exp().sum(-1).clamp(max=1 - 1e-6))
     s_rest = torch.log1p(-s_top.exp().sum(-1).clamp(max=1 - 1e-6))
     kl = (top_lp.exp() * (top_lp - s_top)).sum(-1) + t_rest.exp() * (t_rest - s_rest)
-    return kl.mean()
+    return kl.mean() if weight is None else (kl * weight).sum()
 
 
 def batch_of(samples: list[Sample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, tuple]:

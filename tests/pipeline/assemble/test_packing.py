@@ -53,3 +53,33 @@ def test_prompt_groups_keep_first_appearance_order():
     xs = [Sample([1, 2, 3, 9], 3, None, None), Sample([4, 5, 8], 2, None, None), Sample([1, 2, 3, 7, 1], 3, None, None),
           Sample([1, 2, 9], 2, None, None)]  # the last shares tokens with the first but not its prompt
     assert prompt_groups(xs) == [[0, 2], [1], [3]]
+
+
+def test_the_prompts_own_positions_join_the_loss_at_their_weight():
+    """With the teacher along each prompt (teacher_along), a packed row also selects the
+    prompt's own columns: their logits are those of the prompt read alone, and the loss is
+    the continuations' mean KL plus `weight` times the prompts' mean KL."""
+    from pipeline.assemble.teacher import Along
+
+    model = load_model("tiny-llama").model.eval()
+    vocab = model.config.vocab_size
+    xs = samples(vocab)
+    groups = [[xs[i] for i in g] for g in prompt_groups(xs)]
+    g = torch.Generator().manual_seed(1)
+    along = [Along(cols, torch.randint(0, vocab, (len(cols), 4), generator=g).to(torch.int32),
+                   torch.randn(len(cols), 4, generator=g).log_softmax(-1) - 0.1)
+             for cols in ([1, 2, 5, 9], [3, 8], [])]  # the last prompt has none
+    inputs, picks, target = packed_batch(groups, 0, along, weight=0.5)
+    plain_inputs, plain_picks, plain_target = packed_batch(groups, 0)
+    with torch.no_grad():
+        logits = causal_lm_logits(model, picks, **for_model(inputs, model))
+        cont = causal_lm_logits(model, plain_picks, **for_model(plain_inputs, model))
+        own = torch.cat([causal_lm_logits(model, torch.tensor([[c in a.cols for c in range(x[0].start)]]),
+                                          input_ids=torch.tensor([x[0].ids[:x[0].start]])) for x, a in zip(groups, along)])
+    n = len(cont)
+    assert len(logits) == n + 6 and (logits[:n] - cont).abs().max() < 1e-5
+    assert (logits[n:] - own).abs().max() < 1e-4
+    prompts_kl = sparse_kl(own, torch.cat([a.top_ids for a in along]), torch.cat([a.top_lp for a in along]))
+    want = sparse_kl(cont, *plain_target) + 0.5 * prompts_kl
+    assert torch.allclose(sparse_kl(logits, *target), want, atol=1e-5)
+    assert prompts_kl > 0.1  # so the weight is seen

@@ -82,7 +82,8 @@ def test_packed_distillation_trains_on_whole_prompts(lora, tmp_path, capsys, mon
     import pipeline.assemble.student as student
 
     rows = []  # what every step packed: its prompts, each with all its samples
-    monkeypatch.setattr(student, "packed_batch", lambda groups, pad: rows.append(groups) or packed_batch(groups, pad))
+    monkeypatch.setattr(student, "packed_batch",
+                        lambda groups, pad, *a: rows.append(groups) or packed_batch(groups, pad, *a))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(e.prompt for e in load_task("add2", split="train", seed=0).train[:12]) + "\n")
     out = tmp_path / "p"
@@ -154,6 +155,40 @@ def test_the_teacher_reads_a_prompt_its_samples_share_once(monkeypatch):
     assert len({tuple(x.ids) for x in shared}) > 3  # a prompt's rows were sampled apart
 
 
+def test_the_teacher_along_a_text_is_the_teacher_that_wrote_it():
+    """teacher_along reads a text teacher-forced; along a continuation the teacher sampled,
+    it gives the distributions the teacher reported while writing it (target logits plus the
+    proxy's shift), at exactly the continuation's columns and the prompt's before them."""
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline.assemble import teacher
+    from pipeline.assemble.proxy import LogitProxy
+
+    torch.manual_seed(0)
+    src, tgt = load_model("tiny-llama"), load_model("tiny-gemma3")
+    source = get_peft_model(src.model, LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"],
+                                                  init_lora_weights=False)).eval()
+    prompts = [e.prompt for e in load_task("capital", split="train", seed=0).train[:3]]
+    proxy = LogitProxy(source, src.tokenizer, tgt.tokenizer)
+    written = teacher.sample_teacher(tgt.model, tgt.tokenizer, proxy, prompts, 2, 6, top_k=8, progress=False)
+    along = teacher.teacher_along(tgt.model, tgt.tokenizer, proxy, [x.ids for x in written], top_k=8, progress=False)
+    compared = 0
+    for x, a in zip(written, along):
+        assert 0 not in a.cols and a.cols == sorted(set(a.cols)) and max(a.cols) < len(x.ids) - 1  # <bos>: no text
+        for i, c in enumerate(a.cols):
+            if c >= x.start - 1:  # a continuation column: the teacher wrote its next token from this
+                assert torch.allclose(a.top_lp[i], x.top_lp[c - x.start + 1], atol=1e-4), (c, x.start)
+                assert a.top_ids[i, 0] == x.top_ids[c - x.start + 1, 0]
+                compared += 1
+    assert compared > 0.5 * sum(len(x.top_lp) for x in written)  # most columns are boundaries for both tokenizers
+    bare = teacher.teacher_along(tgt.model, tgt.tokenizer, LogitProxy(source, src.tokenizer, tgt.tokenizer),
+                                 [written[0].ids], top_k=8, progress=False)[0]
+    with source.disable_adapter():
+        plain = teacher.teacher_along(tgt.model, tgt.tokenizer, LogitProxy(source, src.tokenizer, tgt.tokenizer),
+                                      [written[0].ids], top_k=8, progress=False)[0]
+    assert (bare.top_lp - plain.top_lp).abs().max() > 1e-2  # the LoRA's change is in it: without it, none
+
+
 def test_distill_refuses_test_prompts_and_resumes_its_samples(lora, tmp_path, capsys, monkeypatch):
     test = load_task("add2", split="test", seed=0).test
     bad = tmp_path / "bad.jsonl"
@@ -203,6 +238,50 @@ def test_random_prefixes_mixed_into_salient_ones(lora, corpus_dir, tmp_path, cap
     code, _, err = run(capsys, "distill", "--adapter", lora, "--target", "tiny-llama", "--data", "uniform",
                        "--mix-uniform", "3", "--out", tmp_path / "u")
     assert code == 2 and "--mix-uniform adds random prefixes to salient ones" in err
+
+
+def test_the_prompts_own_tokens_are_trained_at_their_weight(lora, tmp_path, capsys, monkeypatch):
+    import pipeline.assemble.student as student
+
+    seen = []  # what every step packed: the teacher along each of its prompts, and the weight
+    monkeypatch.setattr(student, "packed_batch",
+                        lambda groups, pad, along, w: seen.append((groups, along, w)) or packed_batch(groups, pad, along, w))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(e.prompt for e in load_task("add2", split="train", seed=0).train[:6]) + "\n")
+    argv = ["distill", "--adapter", lora, "--target", "tiny-llama", "--data", "prompts", "--prompts", prompts,
+            "--samples", "2", "--steps", "3", "--batch-size", "4", "--heldout", "0", "--quiet"]
+    code, _, _ = run(capsys, *argv, "--prompt-weight", "0.5", "--out", tmp_path / "w")
+    assert code == 0
+    data = json.loads((tmp_path / "w" / "cast_distill.json").read_text())["data"]
+    assert data["prompt_weight"] == 0.5 and data["prompt_positions"] > 6  # several columns of each of 6 prompts
+    assert len(seen) == 3 and all(w == 0.5 and len(along) == len(groups) for groups, along, w in seen)
+    for groups, along, _ in seen:
+        for g, a in zip(groups, along):
+            assert a.cols and max(a.cols) < g[0].start - 1  # the prompt's own columns, not its last
+    seen.clear()
+    assert run(capsys, *argv, "--prompt-weight", "0.5", "--prompt-positions", "2", "--out", tmp_path / "p2")[0] == 0
+    drawn = [tuple(a.cols) for _, along, _ in seen for a in along]
+    assert all(len(c) == 2 for c in drawn) and len(set(drawn)) > 3  # two a prompt, drawn anew
+    seen.clear()
+    assert run(capsys, *argv, "--out", tmp_path / "z")[0] == 0  # the default: continuations only
+    assert all(along is None for _, along, _ in seen)
+    code, _, err = run(capsys, *argv, "--prompt-weight", "1", "--no-pack", "--out", tmp_path / "n")
+    assert code == 2 and "--prompt-weight 1.0: must be 0 or more, and above 0 only with --pack" in err
+
+    from pipeline.assemble.teacher import Along
+    from pipeline.assemble.teacher_files import along_kept
+
+    made = []  # an interrupted run's teacher along its prompts is read back, for its own key only
+
+    def make():
+        made.append(1)
+        return [Along([1, 3], torch.ones(2, 4, dtype=torch.int32), torch.zeros(2, 4)),
+                Along([], torch.zeros(0, 4, dtype=torch.int32), torch.zeros(0, 4))]
+    (tmp_path / "k").mkdir()
+    first, again = along_kept(tmp_path / "k", "a", make), along_kept(tmp_path / "k", "a", make)
+    assert made == [1] and [x.cols for x in again] == [[1, 3], []] and torch.equal(again[0].top_ids, first[0].top_ids)
+    along_kept(tmp_path / "k", "b", make)
+    assert made == [1, 1]
 
 
 def test_salience_read_from_the_store_is_what_the_lora_adds(lora, corpus_dir, tmp_path, capsys):
