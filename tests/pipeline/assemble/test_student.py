@@ -258,10 +258,17 @@ def test_the_prompts_own_tokens_are_trained_at_their_weight(lora, tmp_path, caps
     for groups, along, _ in seen:
         for g, a in zip(groups, along):
             assert a.cols and max(a.cols) < g[0].start - 1  # the prompt's own columns, not its last
+    every = {tuple(g[0].ids[:g[0].start]): a.cols for groups, along, _ in seen for g, a in zip(groups, along)}
     seen.clear()
-    assert run(capsys, *argv, "--prompt-weight", "0.5", "--prompt-positions", "2", "--out", tmp_path / "p2")[0] == 0
-    drawn = [tuple(a.cols) for _, along, _ in seen for a in along]
-    assert all(len(c) == 2 for c in drawn) and len(set(drawn)) > 3  # two a prompt, drawn anew
+    assert run(capsys, *argv, "--prompt-weight", "0.5", "--prompt-positions", "2", "--steps", "6",
+               "--out", tmp_path / "p2")[0] == 0  # two epochs of the 6 prompts, 2 a step
+    drawn = {}
+    for groups, along, _ in seen:
+        for g, a in zip(groups, along):
+            drawn.setdefault(tuple(g[0].ids[:g[0].start]), []).append(tuple(a.cols))
+    assert drawn.keys() == every.keys() and all(len(d) == 2 for d in drawn.values())
+    assert all(len(c) == min(2, len(every[k])) and set(c) <= set(every[k]) for k, d in drawn.items() for c in d)
+    assert any(d[0] != d[1] for d in drawn.values())  # drawn anew each time a prompt comes back
     seen.clear()
     assert run(capsys, *argv, "--out", tmp_path / "z")[0] == 0  # the default: continuations only
     assert all(along is None for _, along, _ in seen)
