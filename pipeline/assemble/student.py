@@ -357,7 +357,7 @@ def run_distill(cfg: StudentConfig, progress: bool = True) -> dict:
                      "k": len(prompts) if prompts else 0, **{k: v for k, v in smeta.items() if k not in ("key", "starts")},
                      "train_samples": len(train), "heldout_samples": len(held),
                      "train_tokens": sum(len(x.ids) - x.start for x in train),
-                     "prompt_weight": cfg.prompt_weight, "prompt_positions": sum(len(a.cols) for a in along or [])},
+                     "prompt_weight": cfg.prompt_weight, "prompt_columns": sum(len(a.cols) for a in along or [])},
             "student": {"targets": cfg.targets, "rank": cfg.rank, "alpha": 2 * cfg.rank, "trained_in": fmt,
                         "packed": cfg.pack},
             "config": asdict(cfg),

@@ -253,7 +253,7 @@ def test_the_prompts_own_tokens_are_trained_at_their_weight(lora, tmp_path, caps
     code, _, _ = run(capsys, *argv, "--prompt-weight", "0.5", "--out", tmp_path / "w")
     assert code == 0
     data = json.loads((tmp_path / "w" / "cast_distill.json").read_text())["data"]
-    assert data["prompt_weight"] == 0.5 and data["prompt_positions"] > 6  # several columns of each of 6 prompts
+    assert data["prompt_weight"] == 0.5 and data["prompt_columns"] > 6  # several columns of each of 6 prompts
     assert len(seen) == 3 and all(w == 0.5 and len(along) == len(groups) for groups, along, w in seen)
     for groups, along, _ in seen:
         for g, a in zip(groups, along):
